@@ -1,0 +1,118 @@
+"""mat-bench: the package's benchmark suite (`mat-bench ...` or `python -m benchmarks ...`).
+
+Subcommands:
+  kernels   kernel micro-benchmarks against their PyTorch baselines, on every available device
+  all       everything that is built (`--quick` for the small sizes CI and the quick start use)
+
+Each kernel benchmark is a module ``benchmarks/bench_<name>.py`` with
+``run(devices: list[str], quick: bool) -> dict`` returning
+``{"title": str, "columns": [str], "rows": [dict], "notes": [str]}``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import sys
+
+KERNEL_BENCHES = {
+    "optim": "benchmarks.bench_optim",
+    "lanczos": "benchmarks.bench_lanczos",
+    "gram": "benchmarks.bench_gram",
+}
+
+
+def _available_kernel_benches() -> dict:
+    found = {}
+    for name, mod in KERNEL_BENCHES.items():
+        try:
+            found[name] = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+    return found
+
+
+def _out_dir(path: str | None) -> str:
+    if path is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = os.path.join("mat-bench-results", stamp)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def run_kernels(names: list[str] | None, quick: bool, devices: list[str] | None) -> list[dict]:
+    from .timing import devices as available_devices, markdown_table
+
+    benches = _available_kernel_benches()
+    if names:
+        unknown = [n for n in names if n not in KERNEL_BENCHES]
+        if unknown:
+            raise SystemExit(f"mat-bench: unknown kernel benchmark(s) {unknown}; "
+                             f"choose from {sorted(KERNEL_BENCHES)}")
+        missing = [n for n in names if n not in benches]
+        if missing:
+            raise SystemExit(f"mat-bench: kernel benchmark(s) {missing} are not built in this version")
+        benches = {n: benches[n] for n in names}
+    devs = devices or available_devices()
+    results = []
+    for name, mod in benches.items():
+        print(f"== {name} ({', '.join(devs)}) ==", flush=True)
+        res = mod.run(devices=devs, quick=quick)
+        res["name"] = name
+        print(markdown_table(res["rows"], res["columns"]))
+        for note in res.get("notes", []):
+            print(f"  {note}")
+        print(flush=True)
+        results.append(res)
+    return results
+
+
+def _write(out: str, kernels: list[dict], quick: bool) -> None:
+    from .timing import environment, markdown_table
+
+    env = environment()
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"environment": env, "quick": quick, "kernels": kernels}, f, indent=2,
+                  default=str)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# mat-bench results\n\nmachine: {env.get('cpu')}, "
+                f"{env.get('gpu', 'no GPU')}; torch {env['torch']}; commit {env['commit']}\n\n")
+        for res in kernels:
+            f.write(f"## {res['title']}\n\n{markdown_table(res['rows'], res['columns'])}\n\n")
+            for note in res.get("notes", []):
+                f.write(f"- {note}\n")
+            f.write("\n")
+    print(f"mat-bench: wrote {out}/results.json and {out}/summary.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mat-bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for cmd in ("kernels", "all"):
+        p = sub.add_parser(cmd)
+        p.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
+        p.add_argument("--out", default=None, help="output folder (default: a fresh timestamped "
+                                                   "folder under ./mat-bench-results)")
+        p.add_argument("--device", action="append", choices=["cpu", "cuda"], default=None,
+                       help="restrict to this device (repeatable); default: every available one")
+        if cmd == "kernels":
+            p.add_argument("--only", default=None,
+                           help=f"comma-separated subset of {','.join(KERNEL_BENCHES)}")
+    args = parser.parse_args(argv)
+
+    if args.device and "cuda" in args.device:
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--device cuda given but no CUDA device is available")
+    names = args.only.split(",") if getattr(args, "only", None) else None
+    out = _out_dir(args.out)
+    kernels = run_kernels(names, args.quick, args.device)
+    _write(out, kernels, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

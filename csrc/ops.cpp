@@ -1,0 +1,40 @@
+// The mat_cuda operator library: one schema per op, declared once here. CPU kernels register
+// in csrc/<family>/*_cpu.cpp and CUDA kernels in csrc/<family>/*_cuda.cpp under the same name
+// (TORCH_LIBRARY_IMPL), so Python never branches on the device to pick a kernel. Fake (meta)
+// kernels live in mat_cuda/_ops.py. The pybind11 module serves the import and build_info().
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef MAT_CUDA_WITH_CUDA
+#define MAT_CUDA_WITH_CUDA 0
+#define MAT_CUDA_ARCH_LIST ""
+#define MAT_CUDA_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(mat_cuda, m) {
+  // ---- optim: fused masked optimizer steps (csrc/optim/) ----
+
+  // ---- linalg: batched Lanczos (csrc/linalg/) ----
+
+  // ---- mntk: per-module Gram accumulation (csrc/mntk/) ----
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cuda"] = static_cast<bool>(MAT_CUDA_WITH_CUDA);
+  info["cuda_arch_list"] = std::string(MAT_CUDA_ARCH_LIST);
+  info["cuda_version"] = std::string(MAT_CUDA_CUDA_VERSION);
+  info["torch_version"] = std::string(MAT_CUDA_TORCH_VERSION);
+  info["openmp"] = static_cast<bool>(MAT_CUDA_OPENMP);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mat_cuda compiled kernels (ops are registered under torch.ops.mat_cuda)";
+  m.def("build_info", &build_info,
+        "What this build compiled: CUDA or not, the arch list, torch and CUDA versions, OpenMP.");
+}

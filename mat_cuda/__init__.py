@@ -1,0 +1,9 @@
+"""mat_cuda: Modular Adaptive Training (MAT) for PyTorch, with C++/CUDA kernels.
+
+See README.md for the quick start and ../shared/DESIGN.md for the math and the data flow.
+"""
+from ._ops import build_info
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "__version__"]

@@ -1,0 +1,23 @@
+"""Shared test fixtures: every op test runs on CPU always and on CUDA when it is available."""
+import pytest
+import torch
+
+import mat_cuda
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and mat_cuda.build_info()["cuda"] else [])
+
+
+def pytest_generate_tests(metafunc):
+    # Any test taking a `device` argument is parametrised over the available devices.
+    if "device" in metafunc.fixturenames and not any(
+        m.name == "parametrize" and "device" in m.args[0] for m in metafunc.definition.iter_markers()
+    ):
+        metafunc.parametrize("device", DEVICES)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs per test, but reproducible from the test's id when a failure is rerun.
+    seed = hash(request.node.nodeid) % (2**31)
+    torch.manual_seed(seed)
+    yield
