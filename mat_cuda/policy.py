@@ -1,0 +1,512 @@
+"""MAT policies: which modules train, decided from their mNTK eigenvalues λ.
+
+Pure logic on λ (DESIGN.md, "The MAT policy"): the inputs are λ, a float tensor of shape (M,)
+(one principal mNTK eigenvalue per module, on any device), and the outputs are boolean masks of
+shape (M,) on the same device. No ops, no other tensors.
+
+Three small classes, each replaceable by the user:
+
+- :class:`ModularPolicy` — per module kind, keeps the modules whose λ passes a dynamic threshold
+  (``ratio`` mode) or the top fraction by λ (``budget`` mode), with hysteresis and re-entry counts.
+- :class:`TemporalPolicy` — retires modules whose λ has stopped moving and reports converged kinds.
+- :class:`MATPolicy` — warm-up, probe schedule, combination of the two, history and state_dict.
+
+Host reads. The arithmetic is device-side tensor code and does not synchronise. A host read
+happens only at probe steps, where the policy must decide or log: the λ validity check (one
+``bool`` read per call), ``MATPolicy``'s history (one copy of λ and the mask to the CPU per probe,
+``record_history=True``), and the ``converged_kinds`` / ``should_stop`` queries. Policies run at
+probe steps only, so this costs one synchronisation per probe.
+
+Every constant is a documented default; see docs/policy.md for the table and the rationale.
+None has been measured on the benchmark suite yet: all are provisional.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["Policy", "ModularPolicy", "TemporalPolicy", "MATPolicy", "check_lambda"]
+
+# Internal state is float64 whatever λ's dtype: ratios of λ never overflow or lose ties.
+_STATE_DTYPE = torch.float64
+
+_DEFAULT = object()  # MATPolicy(temporal=...) not given: a default TemporalPolicy
+
+
+def _module_names(kinds: Sequence[str], names: Optional[Sequence[str]]) -> list[str]:
+    if names is None:
+        return [f"{k}[{i}]" for i, k in enumerate(kinds)]
+    if len(names) != len(kinds):
+        raise ValueError(f"names has {len(names)} entries, kinds has {len(kinds)}; expected equal")
+    return list(names)
+
+
+def _kind_groups(kinds: Sequence[str]) -> dict[str, list[int]]:
+    """Module indices per kind, kinds in order of first appearance."""
+    if len(kinds) == 0:
+        raise ValueError("kinds is empty; a policy needs at least one module")
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(kinds):
+        groups.setdefault(k, []).append(i)
+    return groups
+
+
+def check_lambda(lam: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """Validate λ and return it as float64 on its own device.
+
+    lam: (M,) floating tensor, M = len(names). Raises ValueError naming every module whose λ is
+    NaN, infinite or negative (λ_max of a PSD Gram is ≥ 0; a negative value is a bug upstream, not
+    rounding to hide). This is the policy's one host read per call (``bool(bad.any())``).
+    """
+    if not isinstance(lam, torch.Tensor):
+        raise TypeError(f"λ must be a torch.Tensor, got {type(lam).__name__}")
+    if lam.dim() != 1 or lam.shape[0] != len(names):
+        raise ValueError(f"λ must have shape ({len(names)},), got {tuple(lam.shape)}")
+    if not lam.is_floating_point():
+        raise TypeError(f"λ must be a floating tensor, got {lam.dtype}")
+    lam = lam.detach().to(_STATE_DTYPE)
+    bad = ~torch.isfinite(lam) | (lam < 0)
+    if bool(bad.any()):  # host read: the policy must not decide on invalid λ
+        idx = bad.nonzero().flatten().tolist()
+        values = lam.cpu().tolist()
+        listed = ", ".join(f"{names[i]}={values[i]}" for i in idx)
+        raise ValueError(f"λ must be finite and ≥ 0; invalid for {len(idx)} module(s): {listed}")
+    return lam
+
+
+class Policy:
+    """Base class of a module-selection policy: λ (M,) in, active mask (M,) bool out.
+
+    Subclass and implement :meth:`update`; override :meth:`state_dict` / :meth:`load_state_dict`
+    when the policy keeps state. :class:`MATPolicy` accepts any such object as its ``modular``
+    policy.
+    """
+
+    def __init__(self, kinds: Sequence[str], names: Optional[Sequence[str]] = None):
+        self.kinds = list(kinds)
+        self.groups = _kind_groups(self.kinds)
+        self.names = _module_names(self.kinds, names)
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.kinds)
+
+    def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decide at one probe. lam: (M,) float; exclude: (M,) bool or None, modules that must be
+        inactive (e.g. retired). Returns the active mask, (M,) bool on lam's device."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+
+class ModularPolicy(Policy):
+    """Per-kind dynamic threshold on λ, with hysteresis and re-entry (DESIGN "Modular policy").
+
+    Modules are compared only with modules of the same kind (``kinds[m]``, e.g. "head", "ffn").
+
+    Score. ``relative_to_history`` picks what is compared ("like with like"):
+      - ``None`` (default): s_m = λ_m, the paper's criterion.
+      - ``"warmup"``: s_m = λ_m / λ_m(ref), ref = λ at the first call (the end of warm-up): each
+        module's growth since warm-up, which removes fixed per-module scale differences (e.g.
+        layers with naturally larger λ).
+      - ``"ema"``: s_m = λ_m / EMA of the module's past λ (decay ``ema_decay``): its recent trend.
+        A frozen module's λ stays put (s≈1) and so does a trained module's that stopped growing,
+        so they compete on equal terms: this counters self-reinforcing selection.
+      A zero reference (λ_m(ref) = 0) is replaced by the largest reference of the module's kind
+      (or 1 when all are zero), so the score stays finite.
+
+    Decision per kind (modules of kind k, M_k of them, current active set A):
+      - ``mode="ratio"``: c = centre(s) over all modules of the kind (active and frozen), median
+        (mean of the two middle values for even M_k) or geometric mean (over s > 0). An active
+        module stays active while s ≥ α(1−h)·c; a frozen one re-enters when s ≥ α(1+h)·c
+        (h = ``hysteresis``: a band of ±h around τ = α·c). When c = 0 (all scores of the kind
+        zero: no signal) the kind's mask is kept unchanged.
+      - ``mode="budget"``: exactly K = ceil(ρ·M_k) modules of the kind are active (ρ =
+        ``budget``; ceil so a small kind always keeps ≥ 1), fewer only when modules are excluded
+        (fewer than K eligible ones are neither excluded nor locked frozen).
+        Ranked by s, with active modules' score multiplied by (1+h) (an incumbent advantage
+        that is the hysteresis); ties go to the lower module index.
+      - ``min_dwell``: a module that switched state must stay ``min_dwell`` probes in its new
+        state before switching again (1 = no constraint). In budget mode locked modules keep
+        their state and the count stays exactly K.
+    Excluded modules (``exclude``, e.g. retired by the temporal policy) are always inactive; they
+    still count in the centre (their λ is still measured).
+
+    A frozen module that becomes active again is a re-entry; ``reentries`` counts them per module.
+
+    Args:
+        kinds: kind of each module, length M.
+        mode: "ratio" or "budget".
+        alpha: α, threshold factor of ratio mode (default 1.0: at least the kind's centre).
+        centre: "median" (default) or "geomean". Not the mean: one fast-growing module drags a
+            mean up and freezes all but the top two or three (DESIGN).
+        budget: ρ in (0, 1], fraction kept per kind in budget mode (default 0.5).
+        hysteresis: h in [0, 1), half-width of the band around the threshold (default 0.1).
+        min_dwell: probes a module stays in a state after switching (default 1 = no constraint).
+        relative_to_history: None, "warmup" or "ema" (see Score).
+        ema_decay: β in [0, 1) of the EMA reference (default 0.9, about 10 probes of memory).
+        names: module names for error messages (default "kind[index]").
+    """
+
+    def __init__(
+        self,
+        kinds: Sequence[str],
+        mode: str = "ratio",
+        alpha: float = 1.0,
+        centre: str = "median",
+        budget: float = 0.5,
+        hysteresis: float = 0.1,
+        min_dwell: int = 1,
+        relative_to_history: Optional[str] = None,
+        ema_decay: float = 0.9,
+        names: Optional[Sequence[str]] = None,
+    ):
+        super().__init__(kinds, names)
+        if mode not in ("ratio", "budget"):
+            raise ValueError(f"mode must be 'ratio' or 'budget', got {mode!r}")
+        if centre not in ("median", "geomean"):
+            raise ValueError(f"centre must be 'median' or 'geomean', got {centre!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        if not 0 <= hysteresis < 1:
+            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
+        if int(min_dwell) != min_dwell or min_dwell < 1:
+            raise ValueError(f"min_dwell must be an integer ≥ 1, got {min_dwell}")
+        if relative_to_history not in (None, "warmup", "ema"):
+            raise ValueError(f"relative_to_history must be None, 'warmup' or 'ema', got {relative_to_history!r}")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.mode, self.alpha, self.centre = mode, float(alpha), centre
+        self.budget, self.hysteresis, self.min_dwell = float(budget), float(hysteresis), int(min_dwell)
+        self.relative_to_history, self.ema_decay = relative_to_history, float(ema_decay)
+        # State, created on λ's device at the first update.
+        self.active: Optional[torch.Tensor] = None  # (M,) bool, the last decision
+        self.dwell: Optional[torch.Tensor] = None  # (M,) int64, probes since the last switch
+        self.reentries: Optional[torch.Tensor] = None  # (M,) int64, frozen → active switches
+        self.reference: Optional[torch.Tensor] = None  # (M,) float64, λ reference of the score
+        self.num_updates = 0
+        self._indices: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _group_indices(self, device: torch.device) -> dict[str, torch.Tensor]:
+        # Index tensors per kind, built once per device (a host-to-device copy per probe is
+        # avoidable work on CUDA).
+        key = str(device)
+        if key not in self._indices:
+            self._indices[key] = {k: torch.tensor(v, device=device) for k, v in self.groups.items()}
+        return self._indices[key]
+
+    def budget_count(self, kind: str) -> int:
+        """K = ceil(ρ·M_k): modules of `kind` kept in budget mode (ρ·M_k rounded to 9 decimals
+        first, so 0.3·10 gives 3, not 4)."""
+        return max(1, math.ceil(round(self.budget * len(self.groups[kind]), 9)))
+
+    def _init_state(self, lam: torch.Tensor) -> None:
+        m, dev = self.num_modules, lam.device
+        self.active = torch.ones(m, dtype=torch.bool, device=dev)  # warm-up: everything trained
+        self.dwell = torch.full((m,), self.min_dwell, dtype=torch.int64, device=dev)
+        self.reentries = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.reference = lam.clone() if self.relative_to_history is not None else None
+
+    def score(self, lam: torch.Tensor) -> torch.Tensor:
+        """(M,) float64 score compared within each kind; lam: (M,) float64 (validated)."""
+        if self.reference is None:
+            return lam
+        ref = self.reference
+        safe = ref.clone()
+        for idx in self._group_indices(ref.device).values():
+            r = ref[idx]
+            fallback = torch.where(r.max() > 0, r.max(), torch.ones_like(r.max()))
+            safe[idx] = torch.where(r > 0, r, fallback)
+        return lam / safe
+
+    def kind_centre(self, s: torch.Tensor) -> torch.Tensor:
+        """Robust centre of one kind's scores s (M_k,) float64 -> () float64, no host read."""
+        if self.centre == "median":
+            srt = torch.sort(s).values
+            n = s.shape[0]
+            return 0.5 * (srt[(n - 1) // 2] + srt[n // 2])
+        positive = s > 0
+        logs = torch.where(positive, torch.log(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
+        count = positive.sum()
+        g = torch.exp(logs.sum() / count.clamp_min(1))
+        return torch.where(count > 0, g, torch.zeros_like(g))
+
+    def _propose(self, s: torch.Tensor, eligible: torch.Tensor, locked: torch.Tensor) -> torch.Tensor:
+        """Next mask from scores s (M,), eligible (M,) bool, locked (M,) bool (keep state)."""
+        active = self.active
+        new = torch.zeros_like(active)
+        h = self.hysteresis
+        for kind, idx in self._group_indices(s.device).items():
+            sk, ak, lk = s[idx], active[idx], locked[idx]
+            if self.mode == "ratio":
+                c = self.kind_centre(sk)
+                stay = sk >= self.alpha * (1 - h) * c
+                enter = sk >= self.alpha * (1 + h) * c
+                proposal = torch.where(ak, stay, enter)
+                proposal = torch.where(c > 0, proposal, ak)
+                new[idx] = torch.where(lk, ak, proposal)
+            else:
+                # Scores are ≥ 0, so negative values rank below every unlocked eligible module.
+                # Locked active modules rank first, excluded ones next to last and locked frozen
+                # ones last. At most K modules are locked active (K were active at the last probe)
+                # and at most M_k − K locked frozen, so without exclusions exactly K are chosen
+                # and every lock holds; an excluded module that gets chosen is masked off below.
+                eff = torch.where(ak, sk * (1 + h), sk)
+                eff = torch.where(lk & ak, math.inf, eff)
+                eff = torch.where(lk & ~ak, -2.0, eff)
+                eff = torch.where(eligible[idx], eff, -1.0)
+                order = torch.sort(eff, descending=True, stable=True).indices
+                chosen = torch.zeros_like(ak)
+                chosen[order[: self.budget_count(kind)]] = True
+                new[idx] = chosen
+        return new & eligible
+
+    def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decide at one probe. lam: (M,) float (any float dtype, any device); exclude: (M,) bool
+        or None. Returns the active mask (M,) bool on lam's device. One host read (validity)."""
+        lam = check_lambda(lam, self.names)
+        if self.active is None:
+            self._init_state(lam)
+        eligible = torch.ones_like(self.active) if exclude is None else ~exclude.to(self.active.device)
+        s = self.score(lam)
+        # dwell: probe intervals spent in the current state, this one included (0 right after a
+        # switch, so a module that switched at the last probe has dwell 1 now).
+        dwell = self.dwell + 1
+        locked = dwell < self.min_dwell
+        new = self._propose(s, eligible, locked)
+        switched = new != self.active
+        self.reentries += (switched & new).to(torch.int64)
+        self.dwell = torch.where(switched, torch.zeros_like(dwell), dwell)
+        self.active = new
+        if self.relative_to_history == "ema":
+            self.reference = self.ema_decay * self.reference + (1 - self.ema_decay) * lam
+        self.num_updates += 1
+        return new.clone()
+
+    def state_dict(self) -> dict:
+        t = lambda x: None if x is None else x.clone()  # noqa: E731
+        return {
+            "active": t(self.active),
+            "dwell": t(self.dwell),
+            "reentries": t(self.reentries),
+            "reference": t(self.reference),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        t = lambda x: None if x is None else x.clone()  # noqa: E731
+        self.active, self.dwell = t(state["active"]), t(state["dwell"])
+        self.reentries, self.reference = t(state["reentries"]), t(state["reference"])
+        self.num_updates = int(state["num_updates"])
+
+
+class TemporalPolicy(Policy):
+    """Retires modules whose λ has stopped moving (DESIGN "Temporal policy").
+
+    At each probe t, for a module trained since the previous probe:
+        r_m = |λ_t − λ_{t−1}| / d_m,   d_m = |λ_1 − λ_0|
+    and the module is retired after ``patience`` consecutive trained intervals with r_m < ε.
+    Retirement is permanent. Intervals in which the module was frozen neither count nor reset
+    the streak: a frozen module's λ stays put because it is not trained, not because it converged.
+
+    d_m = 0 (λ_1 == λ_0, no scale to compare against): d_m becomes the first non-zero change of
+    a trained interval seen later; while d_m is still 0, r_m = 0 (λ has been exactly constant: it
+    has stopped moving by any standard, e.g. a dead expert with λ = 0 always).
+
+    When every module of a kind is retired, that kind has converged (``converged_kinds``);
+    ``should_stop`` is True when all kinds have. Both read the device (host sync).
+
+    λ is noisy when each probe uses a different batch; a fixed probe batch makes the ratio
+    meaningful, and ``patience`` guards against a single lucky small difference.
+
+    Args:
+        kinds: kind of each module, length M.
+        eps: ε, retirement threshold on r_m (default 0.05).
+        patience: consecutive trained intervals below ε before retiring (default 2).
+        names: module names for error messages.
+    """
+
+    def __init__(self, kinds: Sequence[str], eps: float = 0.05, patience: int = 2,
+                 names: Optional[Sequence[str]] = None):
+        super().__init__(kinds, names)
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if int(patience) != patience or patience < 1:
+            raise ValueError(f"patience must be an integer ≥ 1, got {patience}")
+        self.eps, self.patience = float(eps), int(patience)
+        self.previous: Optional[torch.Tensor] = None  # (M,) float64, λ at the last probe
+        self.scale: Optional[torch.Tensor] = None  # (M,) float64, d_m (0 until the module moved)
+        self.streak: Optional[torch.Tensor] = None  # (M,) int64, consecutive trained r < ε
+        self.retired: Optional[torch.Tensor] = None  # (M,) bool
+
+    def update(self, lam: torch.Tensor, trained: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Record one probe. lam: (M,) float; trained: (M,) bool, modules trained since the last
+        probe (None = all). Returns retired (M,) bool on lam's device."""
+        lam = check_lambda(lam, self.names)
+        m, dev = self.num_modules, lam.device
+        if self.previous is None:
+            self.previous = lam.clone()
+            self.scale = torch.zeros(m, dtype=_STATE_DTYPE, device=dev)
+            self.streak = torch.zeros(m, dtype=torch.int64, device=dev)
+            self.retired = torch.zeros(m, dtype=torch.bool, device=dev)
+            return self.retired.clone()
+        trained = torch.ones(m, dtype=torch.bool, device=dev) if trained is None else trained.to(dev)
+        delta = (lam - self.previous).abs()
+        self.scale = torch.where((self.scale == 0) & trained, delta, self.scale)
+        ratio = torch.where(self.scale > 0, delta / torch.where(self.scale > 0, self.scale, 1.0), 0.0)
+        below = ratio < self.eps
+        self.streak = torch.where(trained, torch.where(below, self.streak + 1, 0), self.streak)
+        self.retired = self.retired | (self.streak >= self.patience)
+        self.previous = lam.clone()
+        return self.retired.clone()
+
+    def converged_kinds(self) -> list[str]:
+        """Kinds whose modules are all retired (host read)."""
+        if self.retired is None:
+            return []
+        retired = self.retired.cpu().tolist()
+        return [k for k, idx in self.groups.items() if all(retired[i] for i in idx)]
+
+    def should_stop(self) -> bool:
+        """True when every kind has converged (host read)."""
+        return len(self.converged_kinds()) == len(self.groups)
+
+    def state_dict(self) -> dict:
+        t = lambda x: None if x is None else x.clone()  # noqa: E731
+        return {"previous": t(self.previous), "scale": t(self.scale), "streak": t(self.streak),
+                "retired": t(self.retired)}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = lambda x: None if x is None else x.clone()  # noqa: E731
+        self.previous, self.scale = t(state["previous"]), t(state["scale"])
+        self.streak, self.retired = t(state["streak"]), t(state["retired"])
+
+
+class MATPolicy:
+    """Warm-up, probe schedule and the combination of the modular and temporal policies.
+
+    Call :meth:`step` at every probe step (``is_probe(step)``) with that probe's λ; it returns the
+    mask to use until the next probe: all True during warm-up (``step < warmup``), afterwards
+    ``modular.update(λ, exclude=retired)`` with the temporal policy's retired modules excluded.
+    The temporal policy sees every probe, warm-up included (λ_0, λ_1 are the first two probes).
+
+    Args:
+        kinds: kind of each module, length M.
+        modular: a :class:`Policy` (default ``ModularPolicy(kinds)``).
+        temporal: a :class:`TemporalPolicy`, or None for no temporal policy (default
+            ``TemporalPolicy(kinds)``).
+        warmup: steps during which every module trains (default 1000).
+        probe_every: steps between probes (default 100); probes fall on multiples of it.
+        record_history: keep a CPU copy of λ and the mask per probe for :meth:`report` (one host
+            copy per probe; default True).
+        names: module names for error messages and the report.
+    """
+
+    def __init__(self, kinds: Sequence[str], modular: Optional[Policy] = None,
+                 temporal: Optional[TemporalPolicy] | object = _DEFAULT, warmup: int = 1000,
+                 probe_every: int = 100, record_history: bool = True,
+                 names: Optional[Sequence[str]] = None):
+        self.kinds = list(kinds)
+        self.groups = _kind_groups(self.kinds)
+        self.names = _module_names(self.kinds, names)
+        if int(warmup) != warmup or warmup < 0:
+            raise ValueError(f"warmup must be an integer ≥ 0, got {warmup}")
+        if int(probe_every) != probe_every or probe_every < 1:
+            raise ValueError(f"probe_every must be an integer ≥ 1, got {probe_every}")
+        self.modular = ModularPolicy(self.kinds, names=self.names) if modular is None else modular
+        self.temporal = TemporalPolicy(self.kinds, names=self.names) if temporal is _DEFAULT else temporal
+        for name, p in (("modular", self.modular), ("temporal", self.temporal)):
+            if p is not None and list(p.kinds) != self.kinds:
+                raise ValueError(f"the {name} policy was built for other kinds than this MATPolicy")
+        self.warmup, self.probe_every, self.record_history = int(warmup), int(probe_every), record_history
+        self.mask: Optional[torch.Tensor] = None  # (M,) bool, the mask in force
+        self.last_step: Optional[int] = None
+        self.history: dict[str, list] = {"step": [], "lam": [], "mask": []}
+
+    def is_probe(self, step: int) -> bool:
+        """Whether `step` is a probe step (a multiple of probe_every)."""
+        return step % self.probe_every == 0
+
+    def step(self, step: int, lam: torch.Tensor) -> torch.Tensor:
+        """Decide at a probe. step: the training step; lam: (M,) float λ of this probe.
+        Returns the mask (M,) bool on lam's device, to apply until the next probe."""
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(f"steps must increase: got {step} after {self.last_step}")
+        lam64 = check_lambda(lam, self.names)
+        trained = self.mask if self.mask is not None else torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
+        retired = self.temporal.update(lam64, trained) if self.temporal is not None else None
+        if step < self.warmup:
+            mask = torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
+        else:
+            mask = self.modular.update(lam64, exclude=retired)
+            if retired is not None:
+                mask = mask & ~retired
+        self.mask, self.last_step = mask, step
+        if self.record_history:
+            self.history["step"].append(step)
+            self.history["lam"].append(lam64.cpu())
+            self.history["mask"].append(mask.cpu())
+        return mask.clone()
+
+    def converged_kinds(self) -> list[str]:
+        """Kinds whose modules are all retired by the temporal policy (host read)."""
+        return [] if self.temporal is None else self.temporal.converged_kinds()
+
+    def should_stop(self) -> bool:
+        """True when the temporal policy reports every kind converged (host read)."""
+        return False if self.temporal is None else self.temporal.should_stop()
+
+    def report(self) -> dict:
+        """History for logging and plots (CPU tensors; requires record_history=True).
+
+        Returns {"step": (P,) int64, "lam": (P, M) float64, "mask": (P, M) bool,
+        "active_fraction": {kind: (P,) float64}, "reentries": (M,) int64 or None,
+        "retired": (M,) bool or None, "converged_kinds": list[str], "names": list[str],
+        "kinds": list[str]}, P = number of recorded probes.
+        """
+        p, m = len(self.history["step"]), len(self.kinds)
+        lam = torch.stack(self.history["lam"]) if p else torch.zeros(0, m, dtype=_STATE_DTYPE)
+        mask = torch.stack(self.history["mask"]) if p else torch.zeros(0, m, dtype=torch.bool)
+        reentries = getattr(self.modular, "reentries", None)
+        retired = None if self.temporal is None else self.temporal.retired
+        return {
+            "step": torch.tensor(self.history["step"], dtype=torch.int64),
+            "lam": lam,
+            "mask": mask,
+            "active_fraction": {k: mask[:, idx].double().mean(dim=1) for k, idx in self.groups.items()},
+            "reentries": None if reentries is None else reentries.cpu(),
+            "retired": None if retired is None else retired.cpu(),
+            "converged_kinds": self.converged_kinds(),
+            "names": list(self.names),
+            "kinds": list(self.kinds),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "modular": self.modular.state_dict(),
+            "temporal": None if self.temporal is None else self.temporal.state_dict(),
+            "mask": None if self.mask is None else self.mask.clone(),
+            "last_step": self.last_step,
+            "history": {k: [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
+                        for k, v in self.history.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.modular.load_state_dict(state["modular"])
+        if (self.temporal is None) != (state["temporal"] is None):
+            raise ValueError("state_dict's temporal policy presence differs from this MATPolicy's")
+        if self.temporal is not None:
+            self.temporal.load_state_dict(state["temporal"])
+        self.mask = None if state["mask"] is None else state["mask"].clone()
+        self.last_step = state["last_step"]
+        self.history = {k: [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
+                        for k, v in state["history"].items()}
