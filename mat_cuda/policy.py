@@ -76,13 +76,8 @@ def check_lambda(lam: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     return lam
 
 
-class Policy:
-    """Base class of a module-selection policy: λ (M,) in, active mask (M,) bool out.
-
-    Subclass and implement :meth:`update`; override :meth:`state_dict` / :meth:`load_state_dict`
-    when the policy keeps state. :class:`MATPolicy` accepts any such object as its ``modular``
-    policy.
-    """
+class _PerKind:
+    """Module kinds (M,), their index groups and module names, shared by the policies."""
 
     def __init__(self, kinds: Sequence[str], names: Optional[Sequence[str]] = None):
         self.kinds = list(kinds)
@@ -92,6 +87,16 @@ class Policy:
     @property
     def num_modules(self) -> int:
         return len(self.kinds)
+
+
+class Policy(_PerKind):
+    """Base class of a module-selection policy: λ (M,) in, active mask (M,) bool out.
+
+    Subclass and implement :meth:`update`; override :meth:`state_dict` / :meth:`load_state_dict`
+    when the policy keeps state. :class:`MATPolicy` accepts any such object as its ``modular``
+    policy. ``self.kinds`` (list of M str), ``self.groups`` ({kind: [module indices]}) and
+    ``self.names`` are set by this constructor.
+    """
 
     def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at one probe. lam: (M,) float; exclude: (M,) bool or None, modules that must be
@@ -309,7 +314,7 @@ class ModularPolicy(Policy):
         self.num_updates = int(state["num_updates"])
 
 
-class TemporalPolicy(Policy):
+class TemporalPolicy(_PerKind):
     """Retires modules whose λ has stopped moving (DESIGN "Temporal policy").
 
     At each probe t, for a module trained since the previous probe:
@@ -327,6 +332,10 @@ class TemporalPolicy(Policy):
 
     λ is noisy when each probe uses a different batch; a fixed probe batch makes the ratio
     meaningful, and ``patience`` guards against a single lucky small difference.
+
+    A replacement for :class:`MATPolicy` needs the same ``kinds``, ``update(lam, trained)``,
+    ``retired``, ``converged_kinds()``, ``should_stop()``, ``state_dict()`` and
+    ``load_state_dict()``.
 
     Args:
         kinds: kind of each module, length M.

@@ -1,5 +1,6 @@
 """MAT policies on hand-built λ sequences: thresholds, budget, hysteresis, re-entry, temporal
 retirement, invalid λ, state_dict round trips and user-defined policies."""
+import io
 import math
 
 import pytest
@@ -315,8 +316,11 @@ def test_state_dict_round_trip(device, mode, rel):
     a = make()
     run_policy(a, lams[:12], device, 0)
     state = a.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # checkpoints hold it: it must survive torch.save/load
+    buffer.seek(0)
     b = make()
-    b.load_state_dict(state)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
     future = run_policy(a, lams[12:], device, 12)
     assert future == run_policy(b, lams[12:], device, 12)
     ra, rb = a.report(), b.report()
