@@ -11,7 +11,8 @@ match ``FlopCounterMode`` wherever that counts; see "What is counted" below), an
     (backward products that form a parameter's gradient: dW);
   - a module: in the forward, the innermost module of ``model`` whose forward is running; in the
     backward, the module whose forward created the autograd node being run (the meter labels
-    nodes as each module's forward returns), or for dW the module owning the parameter.
+    nodes as each module's forward returns; a node created outside any module's forward: for
+    dW the module owning the parameter, else "(unattributed)").
 
 Because it counts what runs, ``requires_grad_(False)`` on a weight removes exactly that layer's
 dW products, and a layer whose input needs no gradient (everything below is frozen or detached)
@@ -23,7 +24,9 @@ What is counted: aten mm, addmm, bmm, baddbmm, convolution (forward and backward
 scaled-dot-product-attention kernels, each as 2 FLOPs per multiply-add, exactly as
 ``torch.utils.flop_counter``; plus the CPU flash-attention kernel
 (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), which torch's table lacks
-(``FlopCounterMode`` counts 0 for it), with torch's SDPA formulas. Element-wise work (norms,
+(``FlopCounterMode`` counts 0 for it), with torch's SDPA formulas. One correction: torch
+counts a grouped convolution's weight gradient ``groups`` times over (its formula uses all input
+channels); the meter counts it once, like the forward. Element-wise work (norms,
 activations, softmax, the optimizer, bias adds and bias gradients) and embedding lookups count
 0, as in ``torch.utils.flop_counter``. Causal masks are not discounted (as in torch).
 
@@ -35,7 +38,10 @@ Limits:
     (through views, transposes, casts) is dW; all else is grad_input. A parameter cast to another
     dtype (autocast) is a copy, so in the rare case where a dX product's output also has that
     parameter's size (tokens == d_out) it would be classed as dW;
-  - recomputation in the backward (activation checkpointing) is counted as phase ``recompute``;
+  - a module forward run again in the backward (reentrant activation checkpointing,
+    ``checkpoint(..., use_reentrant=True)``) is counted as phase ``recompute``; the
+    non-reentrant checkpoint's recomputation is hidden from dispatch modes in torch 2.14, so
+    neither this meter nor ``FlopCounterMode`` counts it;
   - nn.MultiheadAttention's inference fast path (eval, no grad) runs one fused kernel that is
     not counted, as in torch;
   - FLOPs, not time: time steps with benchmarks/timing.py outside the meter, which adds Python
@@ -130,6 +136,10 @@ class FlopMeter(TorchDispatchMode):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        # The node maps hold autograd nodes (and through them the graph): let them go. A
+        # backward run after the block is not counted anyway.
+        self._node_module.clear()
+        self._node_params.clear()
         return super().__exit__(*exc)
 
     def _pre_hook(self, module, args):
@@ -191,19 +201,23 @@ class FlopMeter(TorchDispatchMode):
         if func._overloadpacket is aten.convolution_backward:
             # One kernel computes grad_input and grad_weight (output_mask says which): split it.
             mask = list(args[10] if len(args) > 10 else kwargs["output_mask"])
+            groups = args[9] if len(args) > 9 else kwargs["groups"]
             for i, phase in ((0, "grad_input"), (1, "grad_weight")):
                 if mask[i]:
                     part = [j == i for j in range(3)]
                     a = list(args[:10]) + [part] if len(args) > 10 else args
                     kw = kwargs if len(args) > 10 else {**kwargs, "output_mask": part}
-                    self._add(formula(*a, out_val=out, **kw), module, phase)
+                    n = formula(*a, out_val=out, **kw)
+                    # torch's dW formula uses all input channels, not c_in / groups: it counts
+                    # a grouped conv's dW `groups` times over. Count the work done.
+                    self._add(n // groups if phase == "grad_weight" else n, module, phase)
             return
         flops = formula(*args, out_val=out, **kwargs)
         owner = self._weight_grad_owner(node, args, out)
-        if owner is not None:
-            self._add(flops, owner, "grad_weight")
-        else:
+        if owner is None:
             self._add(flops, module, "grad_input")
+        else:  # the module that ran the product (an nn.MultiheadAttention runs its out_proj's)
+            self._add(flops, owner if module == UNATTRIBUTED else module, "grad_weight")
 
     def _weight_grad_owner(self, node, args, out):
         """The module owning the parameter whose gradient this product forms, or None."""
@@ -302,13 +316,17 @@ def conv2d_flops(batch: int, c_in: int, c_out: int, kernel: tuple, out_hw: tuple
 
 
 def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int,
-                    v_dim: int | None = None, grad_input: bool = True) -> dict:
+                    v_dim: int | None = None, grad_input: bool = True,
+                    fused: bool = False) -> dict:
     """The attention core softmax(Q Kᵀ) V (projections excluded): forward
     2·B·H·Lq·Lk·(d_qk + d_v); backward twice that (dQ, dK from the scores, dP, dV from the
-    context) when the inputs need gradients. No parameters: dW is 0."""
+    context) when the inputs need gradients, plus 2·B·H·Lq·Lk·d_qk when ``fused`` (a
+    scaled_dot_product_attention kernel, which recomputes the scores in its backward instead of
+    storing them). No parameters: dW is 0."""
     v_dim = head_dim if v_dim is None else v_dim
     f = 2 * batch * heads * q_len * k_len * (head_dim + v_dim)
-    return {"forward": f, "grad_input": 2 * f if grad_input else 0, "grad_weight": 0}
+    recompute = 2 * batch * heads * q_len * k_len * head_dim if fused else 0
+    return {"forward": f, "grad_input": 2 * f + recompute if grad_input else 0, "grad_weight": 0}
 
 
 def _add_into(acc: dict, part: dict):
@@ -350,7 +368,10 @@ def _analytic_mha(module, args, kwargs):
     heads_need_grad = any(t.requires_grad for t in (query, key, value)) or any(
         w.requires_grad for w in proj_w) or (module.in_proj_bias is not None
                                             and module.in_proj_bias.requires_grad)
-    _add_into(acc, attention_flops(batch, h, lq, lk, e // h, grad_input=heads_need_grad))
+    # need_weights=False runs the fused scaled_dot_product_attention kernel, else bmm/softmax.
+    need_weights = kwargs.get("need_weights", args[4] if len(args) > 4 else True)
+    _add_into(acc, attention_flops(batch, h, lq, lk, e // h, grad_input=heads_need_grad,
+                                   fused=not need_weights))
     _add_into(acc, linear_flops(batch * lq, e, e, grad_input=heads_need_grad,
                                 grad_weight=module.out_proj.weight.requires_grad))
     return acc
