@@ -44,13 +44,15 @@ Limits:
     neither this meter nor ``FlopCounterMode`` counts it;
   - nn.MultiheadAttention's inference fast path (eval, no grad) runs one fused kernel that is
     not counted, as in torch;
-  - FLOPs, not time: time steps with benchmarks/timing.py outside the meter, which adds Python
-    work per aten call.
+  - FLOPs, not time: the meter adds Python work per aten call, so time steps without it
+    (``time_step``).
 """
 from __future__ import annotations
 
 import collections
 import re
+import statistics
+import time
 
 import torch
 from torch.utils import flop_counter
@@ -292,6 +294,44 @@ def count_step_flops(model: torch.nn.Module, loss_fn, batch, extra_formulas=None
         loss = loss_fn(model, batch)
         loss.backward()
     return meter.summary()
+
+
+def time_step(model: torch.nn.Module, loss_fn, batch, repeat: int = 10, warmup: int = 2) -> dict:
+    """Median wall time (ms) of the forward (``loss_fn(model, batch)``) and of the backward
+    (``loss.backward()``) of real steps, run without any meter. On CUDA (the model's first
+    parameter decides) each phase is bracketed by CUDA events, else by ``time.perf_counter``.
+    ``.grad`` of the model's parameters is reset (set to None) before every step, so it holds
+    the last step's gradients afterwards. Returns {"forward_ms", "backward_ms", "step_ms", "n"}.
+    Pair it with ``count_step_flops`` on the same step to report achieved FLOP/s."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    fwd, bwd = [], []
+
+    def stamp():
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def elapsed_ms(a, b):
+        return a.elapsed_time(b) if cuda else (b - a) * 1e3
+
+    for i in range(warmup + repeat):
+        model.zero_grad(set_to_none=True)
+        t0 = stamp()
+        loss = loss_fn(model, batch)
+        t1 = stamp()
+        loss.backward()
+        t2 = stamp()
+        if cuda:
+            t2.synchronize()
+        if i >= warmup:
+            fwd.append(elapsed_ms(t0, t1))
+            bwd.append(elapsed_ms(t1, t2))
+    steps = [f + b for f, b in zip(fwd, bwd)]
+    return {"forward_ms": statistics.median(fwd), "backward_ms": statistics.median(bwd),
+            "step_ms": statistics.median(steps), "n": repeat}
 
 
 # ------------------------------------------------------------------------- analytic table

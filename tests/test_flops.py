@@ -312,3 +312,14 @@ def test_linear_flops_head_fraction():
     half = fl.linear_flops(10, 8, 12, weight_grad_fraction=0.5)
     assert half["grad_weight"] * 2 == full["grad_weight"] == full["forward"] == 2 * 10 * 8 * 12
     assert fl.linear_flops(10, 8, 12, grad_weight=False)["grad_weight"] == 0
+
+
+def test_time_step_runs_real_steps_and_leaves_grads():
+    model, batch = _mlp(), _mlp_batch()
+    t = fl.time_step(model, _ce, batch, repeat=3, warmup=1)
+    assert t["n"] == 3 and t["forward_ms"] > 0 and t["backward_ms"] > 0
+    assert t["step_ms"] >= max(t["forward_ms"], t["backward_ms"])
+    model2 = _mlp()
+    model2.load_state_dict(model.state_dict())
+    _ce(model2, batch).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), model2.parameters()))
