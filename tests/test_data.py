@@ -111,6 +111,16 @@ def test_corpus_single_file_split(tmp_path):
     assert len(found["train"]) > 0.75 * len(paragraphs)
 
 
+def test_corpus_single_file_wikitext_style_blank_lines(tmp_path):
+    # WikiText's blank lines hold one space.
+    paragraphs = [f" = Title {i} = \n Body {i} of the article ." for i in range(300)]
+    path = tmp_path / "wiki.tokens"
+    path.write_text("\n \n".join(paragraphs) + "\n \n", encoding="utf-8")
+    c = D.load_corpus(path)
+    found = [p for t in c.values() for p in t.split("\n\n")]
+    assert sorted(found) == sorted(paragraphs)
+
+
 def test_corpus_single_file_errors(tmp_path):
     few = tmp_path / "few.txt"
     few.write_text("one paragraph\n\nanother", encoding="utf-8")
@@ -139,6 +149,14 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(with_specials, skip_special=False) == f"[CLS]{text}[SEP][PAD]"
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([tok.vocab_size])
+
+
+def test_byte_encode_to_tensor():
+    tok = D.ByteTokenizer()
+    text = "héllo\n\nwörld ✓\n\n"
+    t = tok.encode_to_tensor(text)
+    assert t.dtype == torch.long and t.tolist() == tok.encode(text)
+    assert tok.encode_to_tensor("").shape == (0,)
 
 
 def test_tokenizer_kind_checks(tmp_path):
@@ -176,6 +194,9 @@ def test_bpe_train_round_trip_and_cache(tmp_path, monkeypatch):
     ids = tok.encode(sample)
     assert len(ids) < len(sample.encode("utf-8")) / 2  # it learned merges
     assert tok.decode(ids) == sample
+    ids_t = tok.encode_to_tensor(sample + "\n\nsecond paragraph\n\n")
+    assert ids_t.dtype == torch.long
+    assert tok.decode(ids_t) == sample + "\n\nsecond paragraph\n\n"
     files = os.listdir(tmp_path)
     assert len(files) == 1 and files[0].startswith("tokenizer-bpe-")
 

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import re
 import warnings
 
 from .errors import DataError
@@ -66,8 +67,8 @@ def load_corpus(path: str | os.PathLike | None = None) -> dict:
       - a folder holding one file per split, named like WikiText (``wiki.train.tokens``,
         ``wiki.valid.tokens``, ``wiki.test.tokens``; ``.raw`` too) or plainly (``train.txt``,
         ``valid.txt``/``validation.txt``/``val.txt``/``dev.txt``, ``test.txt``);
-      - a single UTF-8 text file, split by document: documents are its blank-line-separated
-        paragraphs, each sent to the split chosen by a hash of its text (so duplicates never
+      - a single UTF-8 text file, split by document: documents are its paragraphs (separated
+        by lines that are empty or hold only spaces/tabs), each sent to the split chosen by a hash of its text (so duplicates never
         straddle splits).
     Raises DataError when the path is missing, a file is unreadable or not UTF-8, a folder lacks
     a split (or has two candidates for one), or a split comes out empty.
@@ -78,7 +79,8 @@ def load_corpus(path: str | os.PathLike | None = None) -> dict:
     if os.path.isdir(path):
         return {split: _read_text(_find_split_file(path, split)) for split in _SPLIT_NAMES}
     if os.path.isfile(path):
-        docs = [p.strip("\n") for p in _read_text(path).split("\n\n")]
+        # Paragraphs end at a blank line; WikiText's blank lines hold a space (" \n").
+        docs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", _read_text(path))]
         docs = [d for d in docs if d.strip()]
         out = _split_documents([(d, d) for d in docs])
         empty = [s for s, text in out.items() if not text]

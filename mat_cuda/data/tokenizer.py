@@ -12,6 +12,9 @@ Special tokens: [PAD] [UNK] [CLS] [SEP] [MASK]; read their ids from the tokenize
 from __future__ import annotations
 
 import os
+import re
+
+import torch
 
 from .cache import cache_dir as _cache_dir
 from .cache import stable_hash
@@ -46,6 +49,12 @@ class Tokenizer:
         ``skip_special``, else written as their names."""
         raise NotImplementedError
 
+    def encode_to_tensor(self, text: str) -> torch.Tensor:
+        """A whole corpus split -> 1-D int64 tensor of ids, for ``MLMBatcher``. The text is
+        encoded paragraph by paragraph (each with the blank line that ends it), which is what
+        makes large corpora fast; the ids are the concatenation of those encodings."""
+        return torch.tensor(self.encode(text), dtype=torch.long)
+
     def __repr__(self):
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
@@ -62,6 +71,12 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list:
         return list(text.encode("utf-8"))
+
+    def encode_to_tensor(self, text: str) -> torch.Tensor:
+        data = text.encode("utf-8")
+        if not data:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
     def decode(self, ids, skip_special: bool = True) -> str:
         out, run = [], bytearray()
@@ -90,6 +105,12 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str) -> list:
         return self._tok.encode(text).ids
+
+    def encode_to_tensor(self, text: str) -> torch.Tensor:
+        # Paragraphs keep their separator, so decoding the ids gives the text back.
+        pieces = [p for p in re.split(r"(?<=\n\n)", text) if p]
+        ids = [i for enc in self._tok.encode_batch(pieces) for i in enc.ids]
+        return torch.tensor(ids, dtype=torch.long)
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
