@@ -195,12 +195,8 @@ class FlopMeter(TorchDispatchMode):
     def _count_backward(self, func, formula, args, kwargs, out):
         node = torch._C._current_autograd_node()
         module = self._node_module.get(node, UNATTRIBUTED)
-        if func._overloadpacket in self._custom:
-            flops = formula(*args, out_val=out, **kwargs)
-            if isinstance(flops, dict):
-                self._add(flops, module, "grad_input")
-                return
-        if func._overloadpacket is aten.convolution_backward:
+        packet = func._overloadpacket
+        if packet is aten.convolution_backward and packet not in self._custom:
             # One kernel computes grad_input and grad_weight (output_mask says which): split it.
             mask = list(args[10] if len(args) > 10 else kwargs["output_mask"])
             groups = args[9] if len(args) > 9 else kwargs["groups"]
@@ -215,6 +211,9 @@ class FlopMeter(TorchDispatchMode):
                     self._add(n // groups if phase == "grad_weight" else n, module, phase)
             return
         flops = formula(*args, out_val=out, **kwargs)
+        if isinstance(flops, dict):  # a custom formula that names its phases
+            self._add(flops, module, "grad_input")
+            return
         owner = self._weight_grad_owner(node, args, out)
         if owner is None:
             self._add(flops, module, "grad_input")
