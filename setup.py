@@ -163,7 +163,7 @@ setup(
     package_data={"mat_cuda": ["data/*.txt"]},
     python_requires=">=3.9",
     install_requires=["numpy"],
-    extras_require={"test": ["pytest"], "bench": ["tqdm", "matplotlib"]},
+    extras_require={"test": ["pytest"], "bench": ["tqdm", "matplotlib"], "hf": ["transformers"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     entry_points={"console_scripts": ["mat-bench=benchmarks.__main__:main"]},
