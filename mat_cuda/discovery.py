@@ -241,6 +241,16 @@ def discover(model: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS, *, verbose:
     return result
 
 
+def resolve_modules(model: nn.Module, modules="auto", kinds: Iterable[str] = DEFAULT_KINDS) -> Discovery:
+    """The MAT controller's ``modules=`` argument as a Discovery: "auto" runs :func:`discover`
+    (with ``kinds``), a ModuleMap is described by :meth:`Discovery.from_module_map`."""
+    if isinstance(modules, str) and modules == "auto":
+        return discover(model, kinds)
+    if isinstance(modules, ModuleMap):
+        return Discovery.from_module_map(model, modules)
+    raise TypeError(f"modules must be 'auto' or a ModuleMap, got {modules!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Planning: the walk produces units (one recognised structure, one or more modules), then
 # _materialise turns the units of the requested kinds into ModuleMap modules.

@@ -275,3 +275,14 @@ def test_kernel_tables_build_from_discovered_map():
     layout_table, group_table = disc.module_map.kernel_tables(params, "cpu")
     assert layout_table.shape == (len(params), 4)
     assert int(group_table.max()) <= disc.module_map.num_modules
+
+
+def test_resolve_modules():
+    from mat_cuda.discovery import resolve_modules
+    model = BertEncoderMLM(23, hidden=8, layers=1, heads=2, ffn=12, max_len=8)
+    auto = resolve_modules(model, "auto", kinds=("ffn",))
+    assert auto.module_map.kinds == ["ffn"]
+    mm = ModuleMap.per_parameter(model)
+    assert resolve_modules(model, mm).module_map is mm
+    with pytest.raises(TypeError, match="'auto' or a ModuleMap"):
+        resolve_modules(model, "heads")
