@@ -129,7 +129,10 @@ class Discovery:
     def summary(self) -> str:
         """Modules per kind with their parameter counts, parameters covered, and what is shared."""
         mm = self.module_map
-        covered = sum(self.module_numel)
+        module_numel = self.module_numel
+        if len(module_numel) != mm.num_modules:  # built by hand: count from the map
+            module_numel = _numel_per_module(mm, mm.params())[0]
+        covered = sum(module_numel)
         total = covered + self.shared_numel
         pct = 100.0 * covered / total if total else 0.0
         lines = [f"MAT modules of {self.model_name or 'model'}: {mm.num_modules} modules cover "
@@ -139,7 +142,7 @@ class Discovery:
         for kind in ALL_KINDS + tuple(sorted(set(kinds) - set(ALL_KINDS))):
             ids = [m for m, k in enumerate(kinds) if k == kind]
             if ids:
-                numel = sum(self.module_numel[m] for m in ids)
+                numel = sum(module_numel[m] for m in ids)
                 lines.append(f"  {kind:<10} {len(ids):>7} {numel:>12,}")
         lines.append(f"  shared (always trained): {self.shared_numel:,} parameters in "
                      f"{len(self.shared)} tensors{_preview(self.shared)}")
@@ -161,22 +164,8 @@ class Discovery:
         model = unwrap_model(model)
         named = _named_trainable(model)
         module_map.validate([p for _, p in named])
-        numel = [0] * module_map.num_modules
-        shared, shared_numel = [], 0
-        for name, p in named:
-            lay = module_map.layout(p)
-            if lay is None:
-                shared.append(name)
-                shared_numel += p.numel()
-            elif lay.kind == "whole":
-                numel[lay.module] += p.numel()
-            else:
-                per_group = p.numel() // len(lay.group_module) if lay.group_module else 0
-                for m in lay.group_module:
-                    if m >= 0:
-                        numel[m] += per_group
-                    else:
-                        shared_numel += per_group
+        numel, shared_numel = _numel_per_module(module_map, [p for _, p in named])
+        shared = [n for n, p in named if module_map.layout(p) is None]
         return cls(module_map, [], [], {}, shared, module_numel=numel, shared_numel=shared_numel,
                    frozen=[n for n, p in model.named_parameters() if not p.requires_grad],
                    model_name=type(model).__name__, model=model)
@@ -206,7 +195,7 @@ def discover(model: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS, *, verbose:
 
     Returns a :class:`Discovery` whose module_map has passed ``validate``.
     """
-    kinds = tuple(kinds)
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     bad = [k for k in kinds if k not in ALL_KINDS]
     if bad:
         raise ValueError(f"discover: unknown module kind(s) {bad}; expected some of {list(ALL_KINDS)}")
@@ -418,7 +407,6 @@ def _materialise(model: nn.Module, units: list[_Unit], kinds: tuple) -> Discover
         names_of.setdefault(id(p), []).append(n)
     tied_ids = {i for i, ns in names_of.items() if len(ns) > 1}
     mm = ModuleMap()
-    numel: list[int] = []
     attentions, ffns, others = [], [], {}
     for u in units:
         if u.kind not in kinds and not u.forced:
@@ -429,20 +417,16 @@ def _materialise(model: nn.Module, units: list[_Unit], kinds: tuple) -> Discover
         if not covered:
             continue
         ids = {local: mm.add_module(u.names[local], u.kind) for local in covered}
-        numel += [0] * len(ids)
         for t in keep:
             label = names_of[id(t.param)][0]
             if t.layout == "whole":
                 mm.assign_whole(t.param, ids[t.groups[0]], name=label)
-                numel[ids[t.groups[0]]] += t.param.numel()
                 continue
             groups = [ids[g] for g in t.groups]
             if t.layout == "rows":
                 mm.assign_row_groups(t.param, t.group_size, groups, name=label)
             else:
                 mm.assign_col_groups(t.param, t.group_size, groups, name=label)
-            for g in groups:
-                numel[g] += t.param.numel() // len(groups)
         if isinstance(u.spec, AttentionSpec):
             u.spec.head_modules = [ids.get(h, -1) for h in range(u.spec.num_heads)]
             attentions.append(u.spec)
@@ -454,12 +438,31 @@ def _materialise(model: nn.Module, units: list[_Unit], kinds: tuple) -> Discover
     named = _named_trainable(model)
     mm.validate([p for _, p in named])
     shared = [n for n, p in named if mm.layout(p) is None]
-    shared_numel = sum(p.numel() for _, p in named if mm.layout(p) is None)
+    numel, shared_numel = _numel_per_module(mm, [p for _, p in named])
     return Discovery(mm, attentions, ffns, others, shared,
                      tied=[names_of[i] for i in names_of if i in tied_ids],
                      frozen=[n for n, p in model.named_parameters() if not p.requires_grad],
                      module_numel=numel, shared_numel=shared_numel,
                      model_name=type(model).__name__, model=model)
+
+
+def _numel_per_module(mm: ModuleMap, params: list) -> tuple[list[int], int]:
+    """Parameter elements of each module of ``mm`` among ``params``, and the unmanaged rest."""
+    numel, unmanaged = [0] * mm.num_modules, 0
+    for p in params:
+        lay = mm.layout(p)
+        if lay is None:
+            unmanaged += p.numel()
+        elif lay.kind == "whole":
+            numel[lay.module] += p.numel()
+        elif lay.group_module:
+            per_group = p.numel() // len(lay.group_module)
+            for m in lay.group_module:
+                if m >= 0:
+                    numel[m] += per_group
+                else:
+                    unmanaged += per_group
+    return numel, unmanaged
 
 
 def _paths(units: list[_Unit]) -> str:

@@ -286,3 +286,18 @@ def test_resolve_modules():
     assert resolve_modules(model, mm).module_map is mm
     with pytest.raises(TypeError, match="'auto' or a ModuleMap"):
         resolve_modules(model, "heads")
+
+
+def test_summary_of_a_hand_built_discovery_counts_from_the_map():
+    model = BertEncoderMLM(23, hidden=8, layers=1, heads=2, ffn=12, max_len=8)
+    disc = discover(model)
+    bare = Discovery(disc.module_map, disc.attentions, disc.ffns, disc.others, disc.shared,
+                     shared_numel=disc.shared_numel, model_name="BertEncoderMLM")
+    assert bare.summary() == disc.summary()
+
+
+def test_single_kind_string_and_root_level_layers():
+    conv = nn.Conv2d(2, 3, 3)
+    disc = _discover_quietly(conv, kinds="conv")
+    assert disc.module_map.names == ["Conv2d"] and disc.others == {"": 0}
+    check_coverage(conv, disc)
