@@ -319,9 +319,12 @@ class _Walk:
             self._visit(_join(path, child_name), child_name, child)
 
     def unsplit_blocks(self) -> list[tuple[str, nn.Module]]:
-        """Attention-looking blocks with no recognised attention inside, around or at them."""
-        return [(p, m) for p, m in self.attention_like
-                if not any(_related(p, a) for a in self.attention_paths)]
+        """Attention-looking blocks with no recognised attention inside, around or at them
+        (outermost only: a block inside an unsplit block is covered by it)."""
+        unsplit = [(p, m) for p, m in self.attention_like
+                   if not any(_related(p, a) for a in self.attention_paths)]
+        return [(p, m) for p, m in unsplit
+                if not any(q != p and (not q or p.startswith(q + ".")) for q, _ in unsplit)]
 
     def leaf_units(self, under: Optional[str] = None) -> list[_Unit]:
         """One "layer" unit per unclaimed module with parameters of its own (norms excepted),

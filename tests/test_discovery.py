@@ -301,3 +301,21 @@ def test_single_kind_string_and_root_level_layers():
     disc = _discover_quietly(conv, kinds="conv")
     assert disc.module_map.names == ["Conv2d"] and disc.others == {"": 0}
     check_coverage(conv, disc)
+
+
+def test_nested_unsplit_blocks_are_named_once():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.w = 2, nn.Linear(4, 4)
+
+    class OuterAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.scale = Inner(), nn.Parameter(torch.ones(4))
+
+    model = nn.Sequential(OuterAttention(), nn.Conv1d(2, 2, 1))
+    with pytest.warns(UserWarning, match=r"could not split '0' \(OuterAttention\) into heads.*: '0', '0.inner.w'$"):
+        disc = discover(model)
+    assert disc.unsplit == ["0"] and _kind_counts(disc) == {"conv": 1, "layer": 2}
+    check_coverage(model, disc)
