@@ -9,7 +9,8 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mat_cuda.models import BertEncoderMLM, mlm_loss
-from mat_cuda.nn import Skipper, col_grouped_linear, convert_attention, row_grouped_linear
+from mat_cuda.nn import (Skipper, active_cols_linear, active_rows_linear, col_grouped_linear,
+                         convert_attention, row_grouped_linear)
 from mat_cuda.nn.bert_specs import bert_module_split
 
 from helpers import assert_close_rel
@@ -69,6 +70,40 @@ def test_col_grouped_linear_matches_masked_reference(device, exact_dx):
     assert_close_rel(w.grad, dw_full * col_mask)
     assert torch.all(w.grad[:, ~col_mask] == 0)
     assert_close_rel(b.grad, dy.reshape(-1, d_out).sum(0))  # shared bias: full gradient
+
+
+def test_active_rows_and_cols_linear(device):
+    """Detach-mode variants: only the active part carries grad; results equal plain autograd."""
+    x = torch.randn(2, 5, 8, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 8, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, device=device, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 1, 2, 9, 10, 11], device=device)
+    y_a, y = active_rows_linear(x, w, b, rows)
+    assert torch.equal(y, F.linear(x, w, b)) and torch.equal(y_a, y[..., rows]) and not y.requires_grad
+    dy = torch.randn_like(y_a)
+    y_a.backward(dy)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    F.linear(x2, w2, b2)[..., rows].backward(dy)
+    for got, ref in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        assert_close_rel(got, ref)
+    # Columns: y = x_full W_oᵀ + b; the gradient reaches the active columns' inputs only.
+    wo = torch.randn(5, 12, device=device, dtype=torch.float64, requires_grad=True)
+    bo = torch.randn(5, device=device, dtype=torch.float64, requires_grad=True)
+    xa = y_a.detach().clone().requires_grad_()
+    out = active_cols_linear(xa, y.detach(), wo, bo, rows)
+    assert torch.equal(out, F.linear(y, wo, bo))
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    wo2, bo2 = wo.detach().clone().requires_grad_(), bo.detach().clone().requires_grad_()
+    xa2 = y_a.detach().clone().requires_grad_()
+    full = y.detach().clone()
+    full[..., rows] = 0
+    F.linear(full.index_add(-1, rows, xa2), wo2, bo2).backward(dout)
+    for got, ref in ((xa.grad, xa2.grad), (wo.grad[:, rows], wo2.grad[:, rows]), (bo.grad, bo2.grad)):
+        assert_close_rel(got, ref)
+    cols_mask = torch.zeros(12, dtype=torch.bool, device=device)
+    cols_mask[rows] = True
+    assert torch.all(wo.grad[:, ~cols_mask] == 0)
 
 
 def test_grouped_linear_all_and_no_groups(device):

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .grouped_linear import col_grouped_linear, row_grouped_linear
+from .grouped_linear import (active_cols_linear, active_rows_linear, col_grouped_linear,
+                             row_grouped_linear)
 
 MODES = ("detach", "exact")
 STYLES = ("mat_bert", "torch_mha")
@@ -156,31 +157,56 @@ class ConvertedAttention:
         raise NotImplementedError
 
     # ---- shared pieces ----
-    def _split_heads_attend(self, q, k, v, attend):
-        """q, k, v (n, H, T, d_h) -> context (n, H, T, d_h), heads in order.
+    def _heads_attend(self, proj_active, proj_full, n, t, attend):
+        """The attention context of every head, and what the output projection needs.
 
-        detach: active heads through ``attend`` with grad, frozen heads under no_grad.
-        exact: all heads with grad. ``attend(q, k, v, heads)`` gets the head ids it works on."""
+        proj_full: (q, k, v) of all heads, each (n, T, H·d_h); proj_active: (q, k, v) of the active
+        heads only, each (n, T, H_a·d_h) with grad (detach mode), or None (exact mode: proj_full
+        carries the grad). ``attend(q, k, v, heads)`` (each (n, h, T, d_h)) -> (n, h, T, d_h), on
+        the head ids ``heads`` (None: all). Returns (ctx_active (n, T, H_a·d_h) | None,
+        ctx_full (n, T, H·d_h))."""
+        h, d, g = self.num_heads, self.head_dim, self.groups
+        width = h * d
+
+        def heads_first(y, nh):  # (n, T, nh·d) -> (n, nh, T, d)
+            return y.view(n, t, nh, d).transpose(1, 2)
+
+        if proj_active is None:  # exact: every head's backward runs
+            ctx = attend(*(heads_first(y, h) for y in proj_full), None)
+            return None, ctx.transpose(1, 2).reshape(n, t, width)
+        n_act = g.active.numel()
+        ctx_a = None
+        if n_act > 0:
+            ctx_a = attend(*(heads_first(y, n_act) for y in proj_active), g.active)
+        with torch.no_grad():  # frozen heads: no attention backward, no gradient through them
+            ctx_f = attend(*(heads_first(y, h).index_select(1, g.frozen) for y in proj_full), g.frozen)
+            parts = [ctx_f] if ctx_a is None else [ctx_a.detach(), ctx_f]
+            ctx_full = torch.cat(parts, 1).index_select(1, g.order).transpose(1, 2).reshape(n, t, width)
+        if ctx_a is not None:
+            ctx_a = ctx_a.transpose(1, 2).reshape(n, t, n_act * d)
+        return ctx_a, ctx_full
+
+    def _project_in(self, x, weight, bias, packed):
+        """-> (proj_active | None, proj_full): the (q, k, v) triples _heads_attend takes."""
+        g = self.groups
+        width = self.num_heads * self.head_dim
+        rows = g.rows3 if packed else g.rows
+        if self.mode == "exact":
+            y = row_grouped_linear(x, weight, bias, rows, None)
+            return None, y.split(width, dim=-1)
+        if g.active.numel() == 0:
+            with torch.no_grad():
+                return None, F.linear(x, weight, bias).split(width, dim=-1)
+        y_a, y = active_rows_linear(x, weight, bias, rows)
+        return y_a.split(g.active.numel() * self.head_dim, dim=-1), y.split(width, dim=-1)
+
+    def _project_out(self, ctx_active, ctx_full):
         g = self.groups
         if self.mode == "exact":
-            return attend(q, k, v, None)
-        parts = []
-        if g.active.numel() > 0:
-            parts.append(attend(q.index_select(1, g.active), k.index_select(1, g.active),
-                                v.index_select(1, g.active), g.active))
-        with torch.no_grad():
-            parts.append(attend(q.index_select(1, g.frozen), k.index_select(1, g.frozen),
-                                v.index_select(1, g.frozen), g.frozen))
-        return torch.cat(parts, 1).index_select(1, g.order) if len(parts) > 1 else parts[0]
-
-    def _project_packed(self, x, weight, bias):
-        g = self.groups
-        return row_grouped_linear(x, weight, bias, g.rows3, g.rows3 if self.mode == "detach" else None)
-
-    def _project_out(self, ctx):
-        g = self.groups
-        return col_grouped_linear(ctx, self.o.weight, self.o.bias, g.rows,
-                                  g.rows if self.mode == "detach" else None)
+            return col_grouped_linear(ctx_full, self.o.weight, self.o.bias, g.rows, None)
+        if ctx_active is None:  # every head frozen: only the shared bias trains
+            return F.linear(ctx_full, self.o.weight.detach(), self.o.bias)
+        return active_cols_linear(ctx_active, ctx_full, self.o.weight, self.o.bias, g.rows)
 
 
 class _MatBertAttention(ConvertedAttention):
@@ -202,14 +228,13 @@ class _MatBertAttention(ConvertedAttention):
 
     def partial_forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         n, t, _ = x.shape
-        g, width, d = self.groups, self.num_heads * self.head_dim, self.head_dim
+        d = self.head_dim
         if self.qkv is not None:
-            q, k, v = self._project_packed(x, self.qkv.weight, self.qkv.bias).split(width, dim=-1)
+            active, full = self._project_in(x, self.qkv.weight, self.qkv.bias, packed=True)
         else:
-            dx_rows = g.rows if self.mode == "detach" else None
-            q, k, v = (row_grouped_linear(x, m.weight, m.bias, g.rows, dx_rows)
-                       for m in (self.q, self.k, self.v))
-        q, k, v = (y.view(n, t, self.num_heads, d).transpose(1, 2) for y in (q, k, v))
+            per = [self._project_in(x, m.weight, m.bias, packed=False) for m in (self.q, self.k, self.v)]
+            active = None if per[0][0] is None else tuple(p[0][0] for p in per)
+            full = tuple(p[1][0] for p in per)
         dropout = self.block.dropout
 
         def attend(q, k, v, heads):  # the same ops as SelfAttention.forward, on a subset of heads
@@ -219,8 +244,7 @@ class _MatBertAttention(ConvertedAttention):
                 scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
             return dropout(scores.softmax(dim=-1)) @ v
 
-        ctx = self._split_heads_attend(q, k, v, attend).transpose(1, 2).reshape(n, t, width)
-        return self._project_out(ctx)
+        return self._project_out(*self._heads_attend(active, full, n, t, attend))
 
 
 class _TorchMHA(ConvertedAttention):
@@ -253,11 +277,10 @@ class _TorchMHA(ConvertedAttention):
             raise NotImplementedError("converted nn.MultiheadAttention with frozen heads does not "
                                       "return attention weights: call it with need_weights=False")
         x = query if blk.batch_first else query.transpose(0, 1)  # (n, T, E)
-        n, t, width = x.shape
-        h, d = self.num_heads, self.head_dim
-        q, k, v = self._project_packed(x, blk.in_proj_weight, blk.in_proj_bias).split(width, dim=-1)
-        q, k, v = (y.view(n, t, h, d).transpose(1, 2) for y in (q, k, v))
-        mask = _mha_mask(key_padding_mask, attn_mask, n, h, t, q.dtype)  # (n, 1|H, T, T) or None
+        n, t, _ = x.shape
+        h = self.num_heads
+        active, full = self._project_in(x, blk.in_proj_weight, blk.in_proj_bias, packed=True)
+        mask = _mha_mask(key_padding_mask, attn_mask, n, h, t, full[0].dtype)  # (n, 1|H, T, T) or None
         causal = is_causal and mask is None
         p = blk.dropout if blk.training else 0.0
 
@@ -267,8 +290,7 @@ class _TorchMHA(ConvertedAttention):
                 m = m.index_select(1, heads)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p, is_causal=causal)
 
-        ctx = self._split_heads_attend(q, k, v, attend).transpose(1, 2).reshape(n, t, width)
-        out = self._project_out(ctx)
+        out = self._project_out(*self._heads_attend(active, full, n, t, attend))
         return (out if blk.batch_first else out.transpose(0, 1)), None
 
 

@@ -18,6 +18,15 @@ Two layouts, matching the ModuleMap's ``rows`` and ``cols`` layouts of attention
   by all heads and always gets its full gradient. ``dx_cols`` (or None): the input columns
   whose gradient is computed (the others get zero).
 
+For ``detach`` mode two variants pass only the active part through autograd, so no zero-filled
+gradient is scattered and gathered again:
+
+- :func:`active_rows_linear` returns (y_active, y_full): y_full = x Wᵀ + b (one GEMM, no grad),
+  y_active = its active rows' outputs (with grad). Backward: dX = dY_a·W[rows] and
+  dW[rows] = dY_aᵀ·x only.
+- :func:`active_cols_linear` takes (x_active, x_full): y = x_full Wᵀ + b; the gradient reaches
+  only x_active (the active columns' inputs): dX_a = dY·W[:, cols], dW[:, cols] = dYᵀ·X_a.
+
 Index tensors are int64 on the weight's device, built once per mask update, so the step itself
 never reads anything back to the host. A weight with no active group gets no gradient at all
 (``None``: its ``.grad`` is not written).
@@ -117,6 +126,80 @@ class _ColGroupedLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.w_dtype)
         return dx, dw, db, None, None
+
+
+class _ActiveRowsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows):
+        # x (..., d_in), weight (d_out, d_in), bias (d_out,) | None, rows int64 (r,), r > 0.
+        xc, wc, bc = _autocast_inputs(x, weight, bias)
+        y_full = F.linear(xc, wc, bc)                  # (..., d_out)
+        y_active = y_full.index_select(-1, rows)       # (..., r)
+        ctx.save_for_backward(xc, wc, rows)
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
+        ctx.mark_non_differentiable(y_full)
+        return y_active, y_full
+
+    @staticmethod
+    def backward(ctx, dy_a, _dy_full):
+        x, w, rows = ctx.saved_tensors
+        d_out, d_in = w.shape
+        dy2 = dy_a.reshape(-1, rows.numel())           # (N, r)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2 @ w.index_select(0, rows)).reshape(x.shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw_a = (dy2.t() @ x.reshape(-1, d_in)).to(ctx.w_dtype)   # (r, d_in)
+            dw = dw_a.new_zeros((d_out, d_in)).index_copy_(0, rows, dw_a)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db_a = dy2.sum(0).to(ctx.w_dtype)
+            db = db_a.new_zeros(d_out).index_copy_(0, rows, db_a)
+        return dx, dw, db, None
+
+
+class _ActiveColsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_active, x_full, weight, bias, cols):
+        # x_active (..., c): the inputs of columns `cols` (with grad); x_full (..., d_in) (no grad),
+        # weight (d_out, d_in), bias (d_out,) | None (shared: full gradient), cols int64 (c,).
+        xc, wc, bc = _autocast_inputs(x_full, weight, bias)
+        ctx.save_for_backward(x_active.to(xc.dtype), wc, cols)
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_active.dtype, weight.dtype, bias is not None
+        return F.linear(xc, wc, bc)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xa, w, cols = ctx.saved_tensors
+        d_out, d_in = w.shape
+        dy2 = dy.reshape(-1, d_out)                     # (N, d_out)
+        dxa = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dxa = (dy2 @ w.index_select(1, cols)).reshape(xa.shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            dw_a = (dy2.t() @ xa.reshape(-1, cols.numel())).to(ctx.w_dtype)  # (d_out, c)
+            dw = dw_a.new_zeros((d_out, d_in)).index_copy_(1, cols, dw_a)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = dy2.sum(0).to(ctx.w_dtype)
+        return dxa, None, dw, db, None
+
+
+def active_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_active, y_full): y_full = x Wᵀ + b (..., d_out) without grad, y_active = y_full[..., rows]
+    (..., r) with grad; backward computes dX and dW/db of ``rows`` only (detach mode).
+
+    x (..., d_in) float, weight (d_out, d_in), bias (d_out,) or None, rows int64 (r,), r ≥ 1.
+    """
+    return _ActiveRowsLinear.apply(x, weight, bias, rows)
+
+
+def active_cols_linear(x_active: torch.Tensor, x_full: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
+    """y = x_full Wᵀ + b (..., d_out); the gradient reaches x_active (..., c), the inputs of columns
+    ``cols`` (x_full[..., cols] holds the same values), and dW of those columns only; the
+    bias gets its full gradient (detach mode). x_full (..., d_in) is not differentiated.
+    """
+    return _ActiveColsLinear.apply(x_active, x_full, weight, bias, cols)
 
 
 def row_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
