@@ -72,69 +72,82 @@ def _flops(fn) -> int:
 
 def run(devices: list[str], quick: bool) -> dict:
     cfg = _config(quick)
-    rows, notes = [], []
-    for device in devices:
-        # Configurations: (label, mode, frozen fraction, setup). Timed round-robin, one step each
-        # per round, so that load from other processes on a shared machine hits them alike.
-        setups = {mode: _setup(cfg, device, mode) for mode in (None, "detach", "exact")}
-        configs = [("unconverted", None, 0.0, False)]
-        configs += [(mode, mode, frac, False) for mode in ("detach", "exact") for frac in FRACTIONS]
-        configs += [(f"{mode} probe step", mode, 0.75, True) for mode in ("detach", "exact")]
-
-        def run_config(c):
-            _, mode, frac, probe = c
-            mm, skipper, fwd_bwd, step, _ = setups[mode]
-            if skipper is None:
-                return step, fwd_bwd
-            skipper.set_mask(_frozen_mask(mm, frac))
-            if not probe:
-                return step, fwd_bwd
-
-            def probe_step():
-                with skipper.probe_mode():
-                    step()
-
-            def probe_fwd_bwd():
-                with skipper.probe_mode():
-                    fwd_bwd()
-            return probe_step, probe_fwd_bwd
-
-        times = {c: [] for c in configs}
-        cpu_times = {c: [] for c in configs}
-        flops = {}
-        for c in configs:  # warm-up and FLOPs
-            step, fwd_bwd = run_config(c)
-            step()
-            flops[c] = _flops(fwd_bwd)
-            setups[c[1]][4].zero_grad(set_to_none=True)
-        for _ in range(cfg["repeat"]):
-            for c in configs:
-                step, _ = run_config(c)
-                t_cpu = time.process_time()
-                times[c].append(time_fn(step, device, warmup=0, repeat=1)["median_ms"])
-                cpu_times[c].append((time.process_time() - t_cpu) * 1e3)
-        base = {mode: next(c for c in configs if c[1] == mode and c[2] == 0.0 and not c[3])
-                for mode in (None, "detach", "exact")}
-        for c in configs:
-            label, mode, frac, probe = c
-            b = base[mode]
-            rows.append(dict(device=device, mode=label, frozen=f"{frac:.0%}",
-                             ms_min=min(times[c]), ms_median=statistics.median(times[c]),
-                             time_vs_0=min(times[c]) / min(times[b]), cpu_ms=min(cpu_times[c]),
-                             cpu_vs_0=min(cpu_times[c]) / min(cpu_times[b]), gflop=flops[c] / 1e9,
-                             flop_vs_0=flops[c] / flops[b]))
-    notes.append("BERT-style encoder (post-LN, MLM head untied, vocab {vocab}): hidden {hidden}, "
-                 "{layers} layers, {heads} heads, FFN {ffn}, T={t}, n={n}; step = fwd+bwd+AdamW; "
-                 "frozen = that fraction of heads and of FFN blocks (random, fixed seed); "
-                 "100% = the ceiling (every head and FFN frozen)".format(**cfg))
-    notes.append(f"{cfg['repeat']} round-robin rounds of one step per configuration; time_vs_0 "
-                 "compares minima (the least disturbed step on a shared machine); FLOPs are fwd+bwd")
-    notes.append("cpu_ms: process CPU time of the step (all threads; on CUDA only the host's "
-                 "launch work), min over rounds: less disturbed than wall time when other "
-                 "processes share the cores")
-    notes.append("probe step: a step in probe_mode (every module measured, as unconverted) "
-                 "with the 75% mask in force")
+    rows = []
+    threads = torch.get_num_threads()
+    try:
+        # One thread on CPU: its process CPU time is the step's compute, undisturbed by other
+        # jobs on shared cores (with several threads, OpenMP spin-waits would count too).
+        torch.set_num_threads(1)
+        for device in devices:
+            rows += _run_device(cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+    notes = [
+        "BERT-style encoder (post-LN, MLM head untied, vocab {vocab}): hidden {hidden}, {layers} "
+        "layers, {heads} heads, FFN {ffn}, T={t}, n={n}; step = fwd+bwd+AdamW; frozen = that "
+        "fraction of heads and of FFN blocks (random, fixed seed); 100% = the ceiling (every head "
+        "and FFN frozen)".format(**cfg),
+        f"{cfg['repeat']} round-robin rounds of one step per configuration (load from other "
+        "processes hits all alike); ms_min/ms_median: wall time; time_vs_0 compares minima; "
+        "FLOPs are fwd+bwd (FlopCounterMode)",
+        "CPU timed single-threaded (torch.set_num_threads(1)); cpu_ms: process CPU time of the "
+        "step, min over rounds (on a shared machine steadier than wall time; on CUDA it is only "
+        "the host's launch work)",
+        "probe step: a step in probe_mode (every module measured, as unconverted) with the 75% "
+        "mask in force",
+    ]
     return {"title": "Compute skipping: training step with frozen heads and FFNs",
             "columns": ["device", "mode", "frozen", "ms_min", "ms_median", "time_vs_0", "cpu_ms",
                         "cpu_vs_0", "gflop", "flop_vs_0"],
             "rows": rows, "notes": notes}
+
+
+def _run_device(cfg: dict, device: str) -> list[dict]:
+    # Configurations: (label, mode, frozen fraction, probe step).
+    setups = {mode: _setup(cfg, device, mode) for mode in (None, "detach", "exact")}
+    configs = [("unconverted", None, 0.0, False)]
+    configs += [(mode, mode, frac, False) for mode in ("detach", "exact") for frac in FRACTIONS]
+    configs += [(f"{mode} probe step", mode, 0.75, True) for mode in ("detach", "exact")]
+
+    def prepare(c):
+        """Set c's mask; -> (step, fwd_bwd) callables."""
+        _, mode, frac, probe = c
+        mm, skipper, fwd_bwd, step, _ = setups[mode]
+        if skipper is None:
+            return step, fwd_bwd
+        skipper.set_mask(_frozen_mask(mm, frac))
+        if not probe:
+            return step, fwd_bwd
+
+        def in_probe_mode(fn):
+            def wrapped():
+                with skipper.probe_mode():
+                    fn()
+            return wrapped
+        return in_probe_mode(step), in_probe_mode(fwd_bwd)
+
+    flops = {}
+    for c in configs:  # warm-up and FLOPs
+        step, fwd_bwd = prepare(c)
+        step()
+        flops[c] = _flops(fwd_bwd)
+        setups[c[1]][4].zero_grad(set_to_none=True)
+    wall = {c: [] for c in configs}
+    cpu = {c: [] for c in configs}
+    for _ in range(cfg["repeat"]):
+        for c in configs:
+            step, _ = prepare(c)
+            t_cpu = time.process_time()
+            wall[c].append(time_fn(step, device, warmup=0, repeat=1)["median_ms"])
+            cpu[c].append((time.process_time() - t_cpu) * 1e3)
+    base = {mode: next(c for c in configs if c[1] == mode and c[2] == 0.0 and not c[3])
+            for mode in (None, "detach", "exact")}
+    rows = []
+    for c in configs:
+        label, mode, frac, _ = c
+        b = base[mode]
+        rows.append(dict(device=device, mode=label, frozen=f"{frac:.0%}", ms_min=min(wall[c]),
+                         ms_median=statistics.median(wall[c]), time_vs_0=min(wall[c]) / min(wall[b]),
+                         cpu_ms=min(cpu[c]), cpu_vs_0=min(cpu[c]) / min(cpu[b]),
+                         gflop=flops[c] / 1e9, flop_vs_0=flops[c] / flops[b]))
+    return rows
