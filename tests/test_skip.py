@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mat_cuda.models import BertEncoderMLM, mlm_loss
+from mat_cuda.models import BertEncoderMLM, VGGNet, mlm_loss
+from mat_cuda.modules import ModuleMap
 from mat_cuda.nn import (Skipper, active_cols_linear, active_rows_linear, col_grouped_linear,
                          convert_attention, row_grouped_linear)
 from mat_cuda.nn.bert_specs import bert_module_split
@@ -495,3 +496,42 @@ def test_torch_mha_converted_forward_and_grads(device, batch_first):
         with pytest.raises(NotImplementedError, match="need_weights"):
             layer.self_attn(x, x, x)
         conv.restore()
+
+
+# ---------------------------------------------------------------- whole modules in a CNN
+def test_cnn_backward_stops_below_lowest_active_conv():
+    torch.manual_seed(0)
+    model = VGGNet(widths=(8, 16), image_size=8, fc_hidden=16)
+    mm = ModuleMap.per_parameter(model)
+    skipper = Skipper(mm)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    flops = []
+    # Freezing the lowest conv layers (weight and bias each): their dW and the dX of the conv
+    # above them are no longer computed, so the FLOPs fall strictly.
+    for n_frozen in (0, 2, 4, 6):
+        mask = torch.ones(mm.num_modules, dtype=torch.bool)
+        mask[:n_frozen] = False
+        skipper.set_mask(mask)
+        model.zero_grad(set_to_none=True)
+        flops.append(_flops(lambda: F.cross_entropy(model(x), y).backward()))
+        for i, (n, p) in enumerate(model.named_parameters()):
+            assert (p.grad is None) == (i < n_frozen), n
+    assert all(a > b for a, b in zip(flops, flops[1:])), flops
+
+
+# ---------------------------------------------------------------- no host sync between probes
+def test_training_step_does_not_sync(device):
+    if device != "cuda":
+        pytest.skip("host synchronisation is observable on CUDA only")
+    model = _bert(device, "packed", torch.float32)
+    mm, attns, ffns = bert_module_split(model)
+    skipper = Skipper(mm, attns, ffns, mode="detach")
+    skipper.set_mask(_random_mask(mm, 0.5).to(device))  # the mask update may read the mask
+    ids, amask, labels = _batch(device)
+    mlm_loss(model(ids, amask), labels).backward()  # warm-up outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = model(ids, amask)
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

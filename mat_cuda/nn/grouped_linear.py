@@ -31,7 +31,7 @@ Index tensors are int64 on the weight's device, built once per mask update, so t
 never reads anything back to the host. A weight with no active group gets no gradient at all
 (``None``: its ``.grad`` is not written).
 
-Under autocast the forward casts x, W, b to the autocast dtype as ``nn.Linear`` would, and the
+The backward is not itself differentiable (double backward raises). Under autocast the forward casts x, W, b to the autocast dtype as ``nn.Linear`` would, and the
 backward returns gradients in the original dtypes.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -63,6 +64,7 @@ class _RowGroupedLinear(torch.autograd.Function):
         return F.linear(xc, wc, bc)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w, grad_rows, dx_rows = ctx.saved_tensors
         d_out, d_in = w.shape
@@ -102,6 +104,7 @@ class _ColGroupedLinear(torch.autograd.Function):
         return F.linear(xc, wc, bc)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w, grad_cols, dx_cols = ctx.saved_tensors
         d_out, d_in = w.shape
@@ -141,6 +144,7 @@ class _ActiveRowsLinear(torch.autograd.Function):
         return y_active, y_full
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy_a, _dy_full):
         x, w, rows = ctx.saved_tensors
         d_out, d_in = w.shape
@@ -168,6 +172,7 @@ class _ActiveColsLinear(torch.autograd.Function):
         return F.linear(xc, wc, bc)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xa, w, cols = ctx.saved_tensors
         d_out, d_in = w.shape
