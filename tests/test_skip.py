@@ -535,3 +535,32 @@ def test_training_step_does_not_sync(device):
         F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_mha_detach_grads_equal_detached_reference(device):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True, device=device, dtype=torch.float64)
+    ref = copy.deepcopy(mha)
+    conv = convert_attention(mha, mode="detach", **_mha_spec(mha, [0, 1, 2, 3]))
+    active = [False, True, True, False]
+    conv.set_active(active)
+    x = torch.randn(2, 5, 16, device=device, dtype=torch.float64, requires_grad=True)
+    out, _ = mha(x, x, x, need_weights=False)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    # Plain torch: packed projection, frozen heads' q, k, v detached, SDPA, out_proj.
+    x_ref = x.detach().clone().requires_grad_()
+    q, k, v = F.linear(x_ref, ref.in_proj_weight, ref.in_proj_bias).split(16, dim=-1)
+    fz = torch.tensor([not a for a in active], device=device)[None, :, None, None]
+    q, k, v = (torch.where(fz, y.view(2, 5, 4, 4).transpose(1, 2).detach(), y.view(2, 5, 4, 4).transpose(1, 2))
+               for y in (q, k, v))
+    ctx = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16)
+    ref.out_proj(ctx).backward(dy)
+    assert_close_rel(x.grad, x_ref.grad)
+    rows = torch.tensor(active, device=device).repeat_interleave(4)
+    torch.testing.assert_close(mha.in_proj_weight.grad[rows.repeat(3)], ref.in_proj_weight.grad[rows.repeat(3)],
+                               rtol=1e-9, atol=1e-15)
+    assert torch.all(mha.in_proj_weight.grad[~rows.repeat(3)] == 0)
+    assert_close_rel(mha.out_proj.weight.grad[:, rows], ref.out_proj.weight.grad[:, rows])
+    assert torch.all(mha.out_proj.weight.grad[:, ~rows] == 0)
+    assert_close_rel(mha.out_proj.bias.grad, ref.out_proj.bias.grad)

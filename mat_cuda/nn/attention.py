@@ -57,7 +57,7 @@ STYLES = ("mat_bert", "torch_mha")
 class HeadGroups:
     """Index tensors of one block's active heads on one device (built at a mask update).
 
-    active, frozen (int64, head ids), order (int64 (H,): position of head h in cat(active, frozen)),
+    active, frozen (int64, head ids, ascending),
     rows (int64 (n_active·d_h,): rows of a (H·d_h)-row weight owned by the active heads; also the
     W_O columns), rows3 (int64 (3·n_active·d_h,): the same rows in each block of a packed [Q;K;V]).
     """
@@ -65,7 +65,6 @@ class HeadGroups:
     active_list: tuple[int, ...]
     active: torch.Tensor
     frozen: torch.Tensor
-    order: torch.Tensor
     rows: torch.Tensor
     rows3: torch.Tensor
 
@@ -74,9 +73,6 @@ class HeadGroups:
         num_heads = len(active)
         act = [h for h in range(num_heads) if active[h]]
         frz = [h for h in range(num_heads) if not active[h]]
-        order = [0] * num_heads
-        for pos, h in enumerate(act + frz):
-            order[h] = pos
         rows = [h * head_dim + i for h in act for i in range(head_dim)]
         width = num_heads * head_dim
         rows3 = [b * width + r for b in range(3) for r in rows]
@@ -84,7 +80,7 @@ class HeadGroups:
         def t(v):
             return torch.tensor(v, dtype=torch.int64, device=device)
 
-        return cls(tuple(act), t(act), t(frz), t(order), t(rows), t(rows3))
+        return cls(tuple(act), t(act), t(frz), t(rows), t(rows3))
 
     @property
     def device(self) -> torch.device:
@@ -180,8 +176,11 @@ class ConvertedAttention:
             ctx_a = attend(*(heads_first(y, n_act) for y in proj_active), g.active)
         with torch.no_grad():  # frozen heads: no attention backward, no gradient through them
             ctx_f = attend(*(heads_first(y, h).index_select(1, g.frozen) for y in proj_full), g.frozen)
-            parts = [ctx_f] if ctx_a is None else [ctx_a.detach(), ctx_f]
-            ctx_full = torch.cat(parts, 1).index_select(1, g.order).transpose(1, 2).reshape(n, t, width)
+            ctx_full = ctx_f.new_empty((n, t, h, d))  # heads written to their places, in one pass
+            ctx_full.index_copy_(2, g.frozen, ctx_f.transpose(1, 2))
+            if ctx_a is not None:
+                ctx_full.index_copy_(2, g.active, ctx_a.detach().transpose(1, 2))
+            ctx_full = ctx_full.view(n, t, width)
         if ctx_a is not None:
             ctx_a = ctx_a.transpose(1, 2).reshape(n, t, n_act * d)
         return ctx_a, ctx_full
