@@ -458,6 +458,11 @@ def test_convert_errors_and_restore():
     assert set(model.state_dict()) == set(copy.deepcopy(model).state_dict())
     conv.restore()
     assert "forward" not in vars(attn)
+    mm, attns, ffns = bert_module_split(model)
+    attns[1].head_modules = [0, 1, 2, mm.num_modules]
+    with pytest.raises(ValueError, match="not module ids"):
+        Skipper(mm, attns, ffns)
+    assert all("forward" not in vars(a.block) for a in attns)  # nothing left converted
 
 
 # ---------------------------------------------------------------- nn.MultiheadAttention

@@ -68,6 +68,14 @@ class Skipper:
             for a in self.attentions:  # leave the model as it was
                 a.restore()
             raise
+        m = module_map.num_modules
+        for a in self.attentions:
+            bad = [i for i in a.head_modules if not 0 <= i < m]
+            if bad:
+                for b in self.attentions:
+                    b.restore()
+                raise ValueError(f"Skipper: head_modules {bad} of {type(a.block).__name__} are not "
+                                 f"module ids of the map (0 .. {m - 1})")
         self.whole = WholeModuleSkipper(module_map, {int(f.module): f.block for f in ffns}, mode)
         self._active = [True] * module_map.num_modules
         self._probing = False
