@@ -463,6 +463,15 @@ def test_convert_errors_and_restore():
     with pytest.raises(ValueError, match="not module ids"):
         Skipper(mm, attns, ffns)
     assert all("forward" not in vars(a.block) for a in attns)  # nothing left converted
+    # A style that is not converted: an error, or with strict=False left as it is and reported.
+    mm, attns, ffns = bert_module_split(model)
+    attns[0].style = "hf_bert"
+    with pytest.raises(NotImplementedError, match="hf_bert"):
+        Skipper(mm, attns, ffns)
+    sk = Skipper(mm, attns, ffns, strict=False)
+    assert sk.unconverted == ["layers.0.attn"] and "forward" not in vars(attns[0].block)
+    assert set(attns[0].head_modules) <= set(sk.unskipped_modules)
+    assert not set(attns[1].head_modules) & set(sk.unskipped_modules)
 
 
 # ---------------------------------------------------------------- nn.MultiheadAttention

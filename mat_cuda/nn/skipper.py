@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..modules import ModuleMap
-from .attention import MODES, ConvertedAttention, convert_attention
+from .attention import MODES, STYLES, ConvertedAttention, convert_attention
 from .whole import WholeModuleSkipper
 
 
@@ -48,18 +48,25 @@ class Skipper:
     module_map: the ModuleMap whose module ids the mask indexes (M modules);
     attentions: AttentionSpec-like objects, converted in place now;
     ffns: FFNSpec-like objects (residual blocks detached while frozen in ``detach`` mode);
-    mode: ``"detach"`` (default) or ``"exact"``.
+    mode: ``"detach"`` (default) or ``"exact"``;
+    strict: True (default) raises for an attention block whose style is not converted (HF
+    architectures); False leaves such blocks as they are (their heads are then listed in
+    :attr:`unskipped_modules` and :attr:`unconverted`: masked by the optimizer, no compute saved).
     Every module is active until :meth:`set_mask`.
     """
 
     def __init__(self, module_map: ModuleMap, attentions: Iterable = (), ffns: Iterable = (),
-                 mode: str = "detach"):
+                 mode: str = "detach", strict: bool = True):
         if mode not in MODES:
             raise ValueError(f"Skipper: mode must be one of {MODES}, got {mode!r}")
         self.module_map, self.mode = module_map, mode
         self.attentions: list[ConvertedAttention] = []
+        self.unconverted: list[str] = []  # paths of attention blocks left as they are (strict=False)
         try:
             for s in attentions:
+                if s.style not in STYLES and not strict:
+                    self.unconverted.append(getattr(s, "path", type(s.block).__name__))
+                    continue
                 self.attentions.append(convert_attention(
                     s.block, num_heads=s.num_heads, head_dim=s.head_dim, o=s.o,
                     head_modules=s.head_modules, style=s.style, mode=mode,
@@ -81,9 +88,9 @@ class Skipper:
         self._probing = False
 
     @classmethod
-    def from_discovery(cls, discovery, mode: str = "detach") -> "Skipper":
+    def from_discovery(cls, discovery, mode: str = "detach", strict: bool = True) -> "Skipper":
         """From a mat_cuda.discovery.Discovery (its module_map, attentions and ffns)."""
-        return cls(discovery.module_map, discovery.attentions, discovery.ffns, mode)
+        return cls(discovery.module_map, discovery.attentions, discovery.ffns, mode, strict)
 
     # ---- state ----
     @property
