@@ -47,7 +47,8 @@ class Skipper:
 
     module_map: the ModuleMap whose module ids the mask indexes (M modules);
     attentions: AttentionSpec-like objects, converted in place now;
-    ffns: FFNSpec-like objects (residual blocks detached while frozen in ``detach`` mode);
+    ffns: FFNSpec-like objects; each ``block`` must be the residual branch itself (its output is
+    added to its input), since its input is detached while frozen in ``detach`` mode;
     mode: ``"detach"`` (default) or ``"exact"``;
     strict: True (default) raises for an attention block whose style is not converted (HF
     architectures); False leaves such blocks as they are (their heads are then listed in
