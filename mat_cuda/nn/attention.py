@@ -1,0 +1,331 @@
+"""Head-aware attention: an attention block converted in place so frozen heads cost less in backward.
+
+:func:`convert_attention` replaces the block's ``forward`` (an instance attribute; the block's
+parameters, submodules and state_dict are untouched, so an optimizer holding them is unaffected)
+with one that, while some heads are frozen:
+
+- computes the Q/K/V (or packed QKV) projection with the full weight in one GEMM (forward
+  unchanged) through :func:`row_grouped_linear`, whose backward computes dW and db only for the
+  rows of active heads, and the output projection through :func:`col_grouped_linear`, whose
+  backward computes dW only for the columns of active heads (W_O's bias is shared: full gradient);
+- ``mode="detach"`` (the paper's partial back-propagation): the attention of frozen heads is
+  computed under ``no_grad`` from their detached Q/K/V, so no gradient flows through frozen heads:
+  their attention backward, their share of dX of the projections and their share of W_O's dX are
+  never computed. The active heads' gradients are those of the same model with the frozen heads'
+  Q/K/V detached.
+- ``mode="exact"``: every head's attention backward runs, so dX is exactly the unconverted
+  model's; only the frozen heads' weight gradients are skipped.
+
+The outputs are assembled in head order, so the forward equals the unconverted block's (the same
+ops on the same numbers; each head's attention is computed in a smaller batch, which on the
+tested CPU builds is bitwise equal, and within 1e-6 relative in any case). With dropout > 0 in
+training the dropout draws differ in order from the unconverted block (same distribution).
+
+When every head is active, or while probing (:meth:`ConvertedAttention.set_active` with
+``probing=True``), the block runs its original forward: all factors and gradients are produced,
+and hooks on its projection submodules fire, exactly as before conversion.
+
+Styles (the AttentionSpec ``style`` of module discovery):
+
+- ``"mat_bert"``: :class:`mat_cuda.models.encoder.SelfAttention` (separate q/k/v or packed qkv
+  ``nn.Linear``, output ``nn.Linear`` o).
+- ``"torch_mha"``: ``torch.nn.MultiheadAttention`` with packed in-projection (``q``, ``k``, ``v``,
+  ``qkv`` are ignored: the weight is the block's ``in_proj_weight``; ``o`` is ``out_proj``).
+  While heads are frozen only self-attention (query is key is value) with ``need_weights=False``
+  is supported (what ``nn.TransformerEncoderLayer`` calls); anything else raises a clear error.
+
+Not converted: HF architectures (``hf_bert``, ``hf_gpt2`` with Conv1D, ``hf_vit``): a clear error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .grouped_linear import (active_cols_linear, active_rows_linear, col_grouped_linear,
+                             row_grouped_linear)
+
+MODES = ("detach", "exact")
+STYLES = ("mat_bert", "torch_mha")
+
+
+@dataclass
+class HeadGroups:
+    """Index tensors of one block's active heads on one device (built at a mask update).
+
+    active, frozen (int64, head ids, ascending),
+    rows (int64 (n_active·d_h,): rows of a (H·d_h)-row weight owned by the active heads; also the
+    W_O columns), rows3 (int64 (3·n_active·d_h,): the same rows in each block of a packed [Q;K;V]).
+    """
+
+    active_list: tuple[int, ...]
+    active: torch.Tensor
+    frozen: torch.Tensor
+    rows: torch.Tensor
+    rows3: torch.Tensor
+
+    @classmethod
+    def build(cls, active: Sequence[bool], head_dim: int, device: torch.device) -> "HeadGroups":
+        num_heads = len(active)
+        act = [h for h in range(num_heads) if active[h]]
+        frz = [h for h in range(num_heads) if not active[h]]
+        rows = [h * head_dim + i for h in act for i in range(head_dim)]
+        width = num_heads * head_dim
+        rows3 = [b * width + r for b in range(3) for r in rows]
+
+        def t(v):
+            return torch.tensor(v, dtype=torch.int64, device=device)
+
+        return cls(tuple(act), t(act), t(frz), t(rows), t(rows3))
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+
+def _linear_weight(m: nn.Module, what: str, rows: int) -> None:
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"convert_attention: {what} must be an nn.Linear, got {type(m).__name__} "
+                        "(HF Conv1D projections are not supported)")
+    if m.weight.shape[0] != rows:
+        raise ValueError(f"convert_attention: {what}.weight has {m.weight.shape[0]} rows, "
+                         f"expected {rows} (num_heads · head_dim)")
+
+
+class ConvertedAttention:
+    """One attention block converted in place; see the module docstring.
+
+    Attributes: block, style, num_heads, head_dim, mode, head_modules (ModuleMap id of head h).
+    """
+
+    def __init__(self, block: nn.Module, style: str, num_heads: int, head_dim: int, o: nn.Module,
+                 head_modules: Sequence[int], mode: str):
+        if mode not in MODES:
+            raise ValueError(f"convert_attention: mode must be one of {MODES}, got {mode!r}")
+        if len(head_modules) != num_heads:
+            raise ValueError(f"convert_attention: {len(head_modules)} head_modules for {num_heads} heads")
+        if "forward" in vars(block):
+            raise ValueError(f"convert_attention: {type(block).__name__} is already converted "
+                             "(its forward is replaced); restore() it first")
+        _linear_weight(o, "o", o.weight.shape[0])
+        if o.weight.shape[1] != num_heads * head_dim:
+            raise ValueError(f"convert_attention: o.weight has {o.weight.shape[1]} columns, "
+                             f"expected {num_heads * head_dim} (num_heads · head_dim)")
+        self.block, self.style, self.o = block, style, o
+        self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode
+        self.head_modules = [int(m) for m in head_modules]
+        self.groups: Optional[HeadGroups] = None  # None: every head active
+        self.probing = False
+        block.forward = self.forward
+
+    def set_active(self, active_heads: Sequence[bool], probing: bool = False) -> None:
+        """Host-side update at a mask change: active_heads[h] says whether head h trains.
+        ``probing``: run the original forward (all heads active) until the next call."""
+        if len(active_heads) != self.num_heads:
+            raise ValueError(f"set_active: {len(active_heads)} flags for {self.num_heads} heads")
+        self.probing = bool(probing)
+        if all(active_heads):
+            self.groups = None
+        else:
+            self.groups = HeadGroups.build([bool(a) for a in active_heads], self.head_dim,
+                                           self.o.weight.device)
+
+    def restore(self) -> None:
+        """Undo the conversion: the block's class forward is used again."""
+        vars(self.block).pop("forward", None)
+
+    def original_forward(self, *args, **kwargs):
+        return type(self.block).forward(self.block, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        if self.groups is None or self.probing:
+            return self.original_forward(*args, **kwargs)
+        if self.groups.device != self.o.weight.device:  # the model moved since the mask update
+            active = [h in self.groups.active_list for h in range(self.num_heads)]
+            self.groups = HeadGroups.build(active, self.head_dim, self.o.weight.device)
+        return self.partial_forward(*args, **kwargs)
+
+    def partial_forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    # ---- shared pieces ----
+    def _heads_attend(self, proj_active, proj_full, n, t, attend):
+        """The attention context of every head, and what the output projection needs.
+
+        proj_full: (q, k, v) of all heads, each (n, T, H·d_h); proj_active: (q, k, v) of the active
+        heads only, each (n, T, H_a·d_h) with grad (detach mode), or None (exact mode: proj_full
+        carries the grad). ``attend(q, k, v, heads)`` (each (n, h, T, d_h)) -> (n, h, T, d_h), on
+        the head ids ``heads`` (None: all). Returns (ctx_active (n, T, H_a·d_h) | None,
+        ctx_full (n, T, H·d_h))."""
+        h, d, g = self.num_heads, self.head_dim, self.groups
+        width = h * d
+
+        def heads_first(y, nh):  # (n, T, nh·d) -> (n, nh, T, d)
+            return y.view(n, t, nh, d).transpose(1, 2)
+
+        if proj_active is None:  # exact: every head's backward runs
+            ctx = attend(*(heads_first(y, h) for y in proj_full), None)
+            return None, ctx.transpose(1, 2).reshape(n, t, width)
+        n_act = g.active.numel()
+        ctx_a = None
+        if n_act > 0:
+            ctx_a = attend(*(heads_first(y, n_act) for y in proj_active), g.active)
+        with torch.no_grad():  # frozen heads: no attention backward, no gradient through them
+            ctx_f = attend(*(heads_first(y, h).index_select(1, g.frozen) for y in proj_full), g.frozen)
+            ctx_full = ctx_f.new_empty((n, t, h, d))  # heads written to their places, in one pass
+            ctx_full.index_copy_(2, g.frozen, ctx_f.transpose(1, 2))
+            if ctx_a is not None:
+                ctx_full.index_copy_(2, g.active, ctx_a.detach().transpose(1, 2))
+            ctx_full = ctx_full.view(n, t, width)
+        if ctx_a is not None:
+            ctx_a = ctx_a.transpose(1, 2).reshape(n, t, n_act * d)
+        return ctx_a, ctx_full
+
+    def _project_in(self, x, weight, bias, packed):
+        """-> (proj_active | None, proj_full): the (q, k, v) triples _heads_attend takes."""
+        g = self.groups
+        width = self.num_heads * self.head_dim
+        rows = g.rows3 if packed else g.rows
+        if self.mode == "exact":
+            y = row_grouped_linear(x, weight, bias, rows, None)
+            return None, y.split(width, dim=-1)
+        if g.active.numel() == 0:
+            with torch.no_grad():
+                return None, F.linear(x, weight, bias).split(width, dim=-1)
+        y_a, y = active_rows_linear(x, weight, bias, rows)
+        return y_a.split(g.active.numel() * self.head_dim, dim=-1), y.split(width, dim=-1)
+
+    def _project_out(self, ctx_active, ctx_full):
+        g = self.groups
+        if self.mode == "exact":
+            return col_grouped_linear(ctx_full, self.o.weight, self.o.bias, g.rows, None)
+        if ctx_active is None:  # every head frozen: only the shared bias trains
+            return F.linear(ctx_full, self.o.weight.detach(), self.o.bias)
+        return active_cols_linear(ctx_active, ctx_full, self.o.weight, self.o.bias, g.rows)
+
+
+class _MatBertAttention(ConvertedAttention):
+    """mat_cuda.models.encoder.SelfAttention: forward(x (n, T, hidden), attention_mask (n, T))."""
+
+    def __init__(self, block, num_heads, head_dim, o, head_modules, mode, q, k, v, qkv):
+        width = num_heads * head_dim
+        if qkv is not None:
+            if any(m is not None for m in (q, k, v)):
+                raise ValueError("convert_attention: give either q, k, v or qkv, not both")
+            _linear_weight(qkv, "qkv", 3 * width)
+        else:
+            if any(m is None for m in (q, k, v)):
+                raise ValueError("convert_attention: separate projections need q, k and v")
+            for name, m in (("q", q), ("k", k), ("v", v)):
+                _linear_weight(m, name, width)
+        self.q, self.k, self.v, self.qkv = q, k, v, qkv
+        super().__init__(block, "mat_bert", num_heads, head_dim, o, head_modules, mode)
+
+    def partial_forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        n, t, _ = x.shape
+        d = self.head_dim
+        if self.qkv is not None:
+            active, full = self._project_in(x, self.qkv.weight, self.qkv.bias, packed=True)
+        else:
+            per = [self._project_in(x, m.weight, m.bias, packed=False) for m in (self.q, self.k, self.v)]
+            active = None if per[0][0] is None else tuple(p[0][0] for p in per)
+            full = tuple(p[1][0] for p in per)
+        dropout = self.block.dropout
+
+        def attend(q, k, v, heads):  # the same ops as SelfAttention.forward, on a subset of heads
+            scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+            if attention_mask is not None:
+                keep = attention_mask.to(torch.bool)[:, None, None, :]
+                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            return dropout(scores.softmax(dim=-1)) @ v
+
+        return self._project_out(*self._heads_attend(active, full, n, t, attend))
+
+
+class _TorchMHA(ConvertedAttention):
+    """torch.nn.MultiheadAttention (packed in-projection, self-attention while heads are frozen)."""
+
+    def __init__(self, block, num_heads, head_dim, o, head_modules, mode):
+        if not isinstance(block, nn.MultiheadAttention):
+            raise TypeError(f"convert_attention: style 'torch_mha' needs nn.MultiheadAttention, "
+                            f"got {type(block).__name__}")
+        if not block._qkv_same_embed_dim or block.in_proj_weight is None:
+            raise ValueError("convert_attention: nn.MultiheadAttention with kdim/vdim != embed_dim "
+                             "(separate q/k/v weights) is not supported")
+        if block.bias_k is not None or block.add_zero_attn:
+            raise ValueError("convert_attention: nn.MultiheadAttention with add_bias_kv or "
+                             "add_zero_attn is not supported")
+        if o is not block.out_proj:
+            raise ValueError("convert_attention: for 'torch_mha', o must be the block's out_proj")
+        if num_heads != block.num_heads or head_dim != block.head_dim:
+            raise ValueError(f"convert_attention: num_heads/head_dim {num_heads}/{head_dim} disagree "
+                             f"with the block's {block.num_heads}/{block.head_dim}")
+        super().__init__(block, "torch_mha", num_heads, head_dim, o, head_modules, mode)
+
+    def partial_forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                        attn_mask=None, average_attn_weights=True, is_causal=False):
+        blk = self.block
+        if not (query is key and key is value):
+            raise NotImplementedError("converted nn.MultiheadAttention with frozen heads supports "
+                                      "self-attention only (query is key is value)")
+        if need_weights:
+            raise NotImplementedError("converted nn.MultiheadAttention with frozen heads does not "
+                                      "return attention weights: call it with need_weights=False")
+        x = query if blk.batch_first else query.transpose(0, 1)  # (n, T, E)
+        n, t, _ = x.shape
+        h = self.num_heads
+        active, full = self._project_in(x, blk.in_proj_weight, blk.in_proj_bias, packed=True)
+        mask = _mha_mask(key_padding_mask, attn_mask, n, h, t, full[0].dtype)  # (n, 1|H, T, T) or None
+        causal = is_causal and mask is None
+        p = blk.dropout if blk.training else 0.0
+
+        def attend(q, k, v, heads):
+            m = mask
+            if m is not None and m.shape[1] != 1 and heads is not None:
+                m = m.index_select(1, heads)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p, is_causal=causal)
+
+        out = self._project_out(*self._heads_attend(active, full, n, t, attend))
+        return (out if blk.batch_first else out.transpose(0, 1)), None
+
+
+def _mha_mask(key_padding_mask, attn_mask, n, h, t, dtype):
+    """MHA's key_padding_mask (n, S) and attn_mask (T, S) | (n·H, T, S), bool (True = masked) or
+    additive float, merged into one additive float mask (n, 1|H, T, S), or None."""
+    def additive(m):
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
+        return m.to(dtype)
+
+    out = None
+    if attn_mask is not None:
+        am = additive(attn_mask)
+        out = am.view(1, 1, t, t) if am.dim() == 2 else am.view(n, h, t, t)
+    if key_padding_mask is not None:
+        kp = additive(key_padding_mask).view(n, 1, 1, t)
+        out = kp if out is None else out + kp
+    return out
+
+
+def convert_attention(block: nn.Module, *, num_heads: int, head_dim: int, o: nn.Module,
+                      head_modules: Sequence[int], style: str = "mat_bert", mode: str = "detach",
+                      q: Optional[nn.Module] = None, k: Optional[nn.Module] = None,
+                      v: Optional[nn.Module] = None, qkv: Optional[nn.Module] = None) -> ConvertedAttention:
+    """Convert one attention block in place (the fields of module discovery's AttentionSpec).
+
+    block: the attention module; num_heads, head_dim: its head layout; q, k, v (separate
+    ``nn.Linear`` (H·d_h → …) each) or qkv (packed ``nn.Linear``, rows [Q; K; V]); o: output
+    ``nn.Linear`` (columns of head h = h·d_h … (h+1)·d_h); head_modules: ModuleMap id of head h;
+    style: ``"mat_bert"`` or ``"torch_mha"``; mode: ``"detach"`` or ``"exact"``.
+    Returns the :class:`ConvertedAttention` handle (all heads active until ``set_active``).
+    """
+    if style == "mat_bert":
+        return _MatBertAttention(block, num_heads, head_dim, o, head_modules, mode, q, k, v, qkv)
+    if style == "torch_mha":
+        return _TorchMHA(block, num_heads, head_dim, o, head_modules, mode)
+    raise NotImplementedError(f"convert_attention: style {style!r} is not converted (supported: "
+                              f"{STYLES}); its heads are skipped by the optimizer only")
