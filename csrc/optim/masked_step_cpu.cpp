@@ -1,7 +1,8 @@
 // CPU kernels of the fused masked optimizer steps: at::parallel_for over fixed-size chunks of the
 // tensor list; inside a chunk, each maximal run of elements of one module is skipped when the
-// module is masked and otherwise updated with at::vec lanes (fp32) or scalars (bf16/fp16, math
-// in fp32). The per-element arithmetic is csrc/optim/masked_step.h, shared with CUDA.
+// module is masked and otherwise updated with 8-wide AVX vectors where the CPU has AVX
+// (masked_step_avx_cpu.cpp), else at::vec lanes (fp32), or scalars (bf16/fp16, math in fp32).
+// The per-element arithmetic is csrc/optim/masked_step.h, shared with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "optim/masked_step_simd.h"
 #include "optim/optim_checks.h"
 
 namespace mat_cuda {
@@ -21,6 +23,8 @@ using Vec = at::vec::Vectorized<float>;
 struct VecSqrt {
   Vec operator()(const Vec& x) const { return x.sqrt(); }
 };
+
+const bool kHasAvx = cpu_has_avx();
 
 // Elements per parallel task: large enough to amortise the run search, small enough to balance.
 constexpr int64_t kChunk = 32768;
@@ -130,6 +134,7 @@ void adamw_run(scalar_t* p, const scalar_t* g, float* m, float* v, int64_t n,
                AdamModuleCoeffs k) {
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kHasAvx) i = adamw_run_f32_avx(p, g, m, v, n, cs, k, c.has_scale, c.grad_scale, c.maximize);
     const Vec nss(k.neg_step_size), bc2(k.bc2_sqrt), scale(c.grad_scale);
     for (; i + Vec::size() <= n; i += Vec::size()) {
       Vec pv = Vec::loadu(p + i), mv = Vec::loadu(m + i), vv = Vec::loadu(v + i);
@@ -199,6 +204,9 @@ void sgd_run(scalar_t* p, const scalar_t* g, float* buf, int64_t n, bool first,
   int64_t i = 0;
   float unused_buf = 0.f;
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kHasAvx) {
+      i = sgd_run_f32_avx(p, g, buf, n, first, cs, c.has_scale, c.grad_scale, c.maximize);
+    }
     const Vec scale(c.grad_scale);
     Vec unused_vec(0.f);
     for (; i + Vec::size() <= n; i += Vec::size()) {
