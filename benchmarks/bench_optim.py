@@ -1,6 +1,6 @@
 """MaskedAdamW against torch.optim.AdamW (foreach and fused) on 10M / 100M fp32 parameters.
 
-The parameters are (1024, 1024) tensors, each split into 16 row-group modules of 64 rows (the
+The parameters are (1000, 1000) tensors, each split into 20 row-group modules of 50 rows (the
 layout of attention heads), and masks keep 100%, 50% or 10% of the modules active. Reported per
 step: the median time, the effective bandwidth at 28 bytes per *active* parameter (read param,
 grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq), that bandwidth as a fraction of
@@ -16,7 +16,7 @@ from mat_cuda import MaskedAdamW, ModuleMap
 from .timing import time_fn
 
 BYTES_PER_ACTIVE_PARAM = 28
-ROWS, COLS, ROWS_PER_MODULE = 1024, 1024, 64
+ROWS, COLS, ROWS_PER_MODULE = 1000, 1000, 50
 
 
 def _params(total: int, device: str) -> list[torch.Tensor]:
@@ -56,7 +56,7 @@ def copy_bandwidth_gbs(device: str, quick: bool) -> float:
 
 def run(devices: list[str], quick: bool) -> dict:
     sizes = [10_000_000] if quick else [10_000_000, 100_000_000]
-    warmup, repeat = (2, 5) if quick else (3, 20)
+    warmup, repeat = (2, 10) if quick else (3, 20)
     rows, notes = [], []
     for device in devices:
         copy_gbs = copy_bandwidth_gbs(device, quick)
@@ -96,7 +96,7 @@ def run(devices: list[str], quick: bool) -> dict:
                          f"{times[0.5] / times[1.0]:.2f}x; 10% / all-active = "
                          f"{times[0.1] / times[1.0]:.2f}x")
             del opt, params
-    return {"title": "MaskedAdamW vs torch.optim.AdamW (fp32, 1024x1024 tensors, 64-row modules)",
+    return {"title": "MaskedAdamW vs torch.optim.AdamW (fp32, 1000x1000 tensors, 50-row modules)",
             "columns": ["device", "params", "optimizer", "active", "ms/step", "GB/s", "of copy BW",
                         "vs torch fused"],
             "rows": rows, "notes": notes}

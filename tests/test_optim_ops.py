@@ -162,3 +162,36 @@ def test_op_rejects_bad_input_untouched(bad, match):
         ops.masked_adamw_step_(a["params"], a["grads"], a["m"], a["v"], steps, a["mask"], a["layout"],
                                groups, 0.1, 0.9, 0.99, 0.0, 1e-8, False, a["scale"], None)
     assert all(torch.equal(x, y) for x, y in zip(a["params"], before))
+
+
+
+def test_many_large_tensors_mixed_dtypes(device):
+    # More tensors than one CUDA launch holds (24) and more 64K-element chunks than its blocks
+    # (320), so tensors are cut between launches; fp32 and bf16 in one list (one launch series
+    # per dtype); column groups of odd width (the kernel's one-element path) among them.
+    shapes = [(1100, 700)] * 28 + [(7 * 18725,), (5, 65536 + 1)]
+    params = [torch.randn(s, device=device).to(torch.bfloat16 if i % 7 == 3 else torch.float32)
+              for i, s in enumerate(shapes)]
+    grads = [torch.randn_like(p) for p in params]
+    mm = ModuleMap()
+    ids = [mm.add_module(f"m{i}") for i in range(6)]
+    for i, p in enumerate(params):
+        if i % 3 == 0:  # 5 row groups
+            mm.assign_row_groups(p, p.shape[0] // 5, [ids[(i + j) % 6] for j in range(5)])
+        elif i % 3 == 1:  # 7 column groups, the first unmanaged
+            mm.assign_col_groups(p, p.shape[-1] // 7, [-1] + [ids[(i + j) % 6] for j in range(6)])
+        # every third tensor unmanaged
+    layout, groups = mm.kernel_tables(params, device)
+    steps = torch.randint(0, 3, (7,), device=device)
+    mask = torch.tensor([True, False, True, True, False, False], device=device)
+    m = [torch.zeros(p.shape, device=device) for p in params]
+    v = [torch.zeros(p.shape, device=device) for p in params]
+    rp, rm, rv = ref.masked_adamw_step_ref(params, grads, m, v, steps, mask, layout, groups,
+                                           1e-2, 0.9, 0.999, 0.01, 1e-8)
+    p2 = [t.clone() for t in params]
+    ops.masked_adamw_step_(p2, grads, m, v, steps, mask, layout, groups, 1e-2, 0.9, 0.999, 0.01,
+                           1e-8, False, None, None)
+    for i, (a, r) in enumerate(zip(p2, rp)):
+        assert_close_rel(a, r, msg=f"param {i}")
+    for out, r in ((m, rm), (v, rv)):
+        assert_close_rel(torch.cat([t.flatten() for t in out]), torch.cat([t.flatten() for t in r]))
