@@ -87,6 +87,9 @@ MAT_HD void lanczos_solve_tridiag(const double* a, const double* b, int s, doubl
 }
 
 // w -= Σ_{r<rows} (Q[r]·w) Q[r], and returns (Q[rows-1]·w) (the correction to α).
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
 template <typename S, typename Team>
 MAT_HD S lanczos_orthogonalise(Team& t, const S* Q, int rows, int n, S* w, S* coef) {
   t.gemv(Q, rows, n, w, coef);

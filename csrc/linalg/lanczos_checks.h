@@ -14,7 +14,7 @@ namespace linalg {
 
 // K: (M, n, n) float32/float64 contiguous; v0: optional (M, n), same dtype and device.
 // Returns the step budget m = min(iters, n).
-inline int64_t check_lanczos_inputs(const at::Tensor& K, const c10::optional<at::Tensor>& v0,
+inline int64_t check_lanczos_inputs(const at::Tensor& K, const c10::optional<at::Tensor>& v0_opt,
                                     int64_t iters, double tol, int64_t topk) {
   CHECK_DIM(K, 3);
   MAT_CHECK(K.size(1) == K.size(2), "K must hold square matrices (M, n, n), got shape ",
@@ -29,14 +29,14 @@ inline int64_t check_lanczos_inputs(const at::Tensor& K, const c10::optional<at:
   MAT_CHECK(topk <= n, "topk must be <= n = ", n, ", got ", topk);
   MAT_CHECK(iters >= topk, "iters must be >= topk = ", topk, ", got ", iters);
   MAT_CHECK(tol >= 0.0, "tol must be >= 0, got ", tol);
-  if (v0.has_value()) {
-    const at::Tensor& v = *v0;
+  if (v0_opt.has_value()) {
+    const at::Tensor& v0 = *v0_opt;
     // (CHECK_DEVICE's parameter is named `device`: pass a variable of that name.)
     const at::Device device = K.device();
-    CHECK_DEVICE(v, device);
-    CHECK_DTYPE(v, K.scalar_type());
-    CHECK_SHAPE(v, M, n);
-    CHECK_CONTIGUOUS(v);
+    CHECK_DEVICE(v0, device);
+    CHECK_DTYPE(v0, K.scalar_type());
+    CHECK_SHAPE(v0, M, n);
+    CHECK_CONTIGUOUS(v0);
   }
   return iters < n ? iters : n;
 }
