@@ -114,20 +114,22 @@ MAT_HD double tridiag_top_laguerre(const double* a, const double* b, int s, doub
     // all d_i < 0 and p(x) = det(xI − T) = Π(−d_i), so G = p'/p = Σ d_i'/d_i and
     // H = G² − p''/p = Σ ((d_i'/d_i)² − d_i''/d_i).
     double d = a[0] - x, dp = -1.0, dpp = 0.0;
-    double G = dp / d, H = G * G;
+    double inv_d = 1.0 / d;  // one division per pivot
+    double G = dp * inv_d, H = G * G;
     bool above = d < 0.0;
     for (int i = 1; i < s; ++i) {
-      const double r = b[i - 1] * b[i - 1] / d;  // b²/d_{i-1}
-      const double rd = r / d;                   // b²/d_{i-1}²
-      const double dpp_next = rd * (dpp - 2.0 * dp * dp / d);
+      const double r = b[i - 1] * b[i - 1] * inv_d;  // b²/d_{i-1}
+      const double rd = r * inv_d;                   // b²/d_{i-1}²
+      const double dpp_next = rd * (dpp - 2.0 * dp * dp * inv_d);
       const double dp_next = -1.0 + rd * dp;
       d = a[i] - x - r;
       dp = dp_next;
       dpp = dpp_next;
       if (i + 1 < s && !(d < 0.0)) above = false;
-      const double g = dp / d;
+      inv_d = 1.0 / d;
+      const double g = dp * inv_d;
       G += g;
-      H += g * g - dpp / d;
+      H += g * g - dpp * inv_d;
     }
     if (!above || !(x >= lo)) break;  // left the bracket: bisect instead
     if (!(d < 0.0)) {  // at the root to rounding (Laguerre from above never crosses it)
