@@ -311,3 +311,31 @@ def test_compile_fullgraph_smoke(device):
     f = torch.compile(lambda k: linalg.lambda_max(k, check_symmetric=False) * 2, fullgraph=True,
                       backend="eager")
     assert torch.equal(f(K), 2 * linalg.lambda_max(K))
+
+
+@pytest.mark.parametrize("n, iters, dtype", [
+    (200, 32, torch.float32),   # CUDA: K (160 KB) and Q in shared memory
+    (256, 32, torch.float32),   # CUDA: K streamed from global, Q in shared memory
+    (512, 32, torch.float64),   # CUDA: K streamed, Q (128 KB) in shared memory
+    (300, 300, torch.float32),  # CUDA: Q (360 KB) in a global workspace; full budget: exact
+])
+def test_large_matrices_and_budgets(device, n, iters, dtype):
+    K = psd_with_spectrum(spectrum("decaying", 2, n))
+    res = linalg.lambda_max(K.to(device, dtype), iters=iters, return_vectors=True)
+    err = rel_errors(res.lambdas, lambda_max_reference(K)).max().item()
+    assert err <= GAP_TOL[dtype], f"max relative error {err:.3e}"
+    assert (res.residuals.double().cpu() <= 1e-4 * res.lambdas.double().cpu().abs()).all()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and mat_cuda.build_info()["cuda"]),
+                    reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype):
+    # The same driver and tridiagonal arithmetic run on both; only the reductions' order differs.
+    K = psd_with_spectrum(spectrum("separated", 20, 70)).to(dtype)
+    cpu = linalg.lambda_max(K, return_vectors=True, topk=3)
+    gpu = linalg.lambda_max(K.cuda(), return_vectors=True, topk=3)
+    assert rel_errors(gpu.lambdas, cpu.lambdas).max().item() <= 10 * GAP_TOL[dtype]
+    cos = (gpu.vectors.double().cpu() * cpu.vectors.double()).sum(dim=1).abs()
+    assert (cos >= 1 - 1e-4).all()
+    assert ((gpu.iterations.cpu() - cpu.iterations).abs() <= 2).all()
