@@ -5,6 +5,8 @@ the math runs in float64 so that a test measures only the kernel's own rounding.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # ---- optim ----
@@ -91,3 +93,17 @@ def masked_sgd_step_ref(params, grads, momentum_buffers, module_steps, module_ma
         p64 = p.double() - lr * d
         out_p.append(torch.where(active, p64.to(p.dtype), p))
     return out_p, out_b
+
+
+# ---- linalg ----
+
+def lambda_max_reference(K: torch.Tensor, topk: Optional[int] = None) -> torch.Tensor:
+    """What ``mat_cuda.linalg.lambda_max`` computes, by a full eigendecomposition in float64.
+
+    K: (M, n, n) symmetric. Returns (M,) float64 λ_max, or (M, k) the k largest eigenvalues in
+    descending order when ``topk=k``.
+    """
+    evals = torch.linalg.eigvalsh(K.double())  # (M, n) ascending
+    if topk is None:
+        return evals[:, -1]
+    return evals.flip(-1)[:, :topk]
