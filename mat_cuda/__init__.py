@@ -3,7 +3,8 @@
 See README.md for the quick start and ../shared/DESIGN.md for the math and the data flow.
 """
 from ._ops import build_info
+from .mntk import MNTKProbe
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "__version__"]
+__all__ = ["build_info", "MNTKProbe", "__version__"]
