@@ -52,7 +52,11 @@ their explicit per-sample gradients).
 Per-sample independence is assumed. A BatchNorm that normalises with batch statistics (training
 mode, or track_running_stats=False) anywhere in the model mixes samples: :meth:`begin` and
 :meth:`measure` raise. A hooked layer called twice in one forward (weight sharing, activation
-checkpointing) raises, as does an input modified in place between forward and backward.
+checkpointing) raises, as does an input modified in place between forward and backward. One
+probe is one forward and one backward: to add several batches pass the running K as ``out``.
+In mode ``"loss"`` a module the training backward does not reach (e.g. frozen and below every
+trainable layer) gets zeros; measure it in an output mode, which makes the managed parameters
+require grad for its own pass.
 
 Memory: between the forward and the backward the probe holds each hooked layer's input (a
 detached reference, no copy; Conv2d inputs are unfolded only when their gradient arrives). In
@@ -386,7 +390,8 @@ class MNTKProbe:
         self._batchnorms = [(p, m) for p, m in model.named_modules() if _is_batchnorm(m)]
         self._handles = []
         for pl in self._layers:
-            self._handles.append(pl.layer.register_forward_hook(self._make_forward_hook(pl)))
+            self._handles.append(pl.layer.register_forward_hook(self._make_forward_hook(pl),
+                                                                with_kwargs=True))
         self._active = None        # None, "loss" or "measure"
         self._generation = 0       # bumps at every begin()/measure(): stale tensor hooks ignore
         self._K = None
@@ -426,7 +431,7 @@ class MNTKProbe:
 
     # ---- hooks ----
     def _make_forward_hook(self, pl: _ProbedLayer):
-        def hook(layer, args, output):
+        def hook(layer, args, kwargs, output):
             if self._active is None or not pl.calls:
                 return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -436,7 +441,7 @@ class MNTKProbe:
                 raise RuntimeError(f"MNTKProbe: layer '{pl.path}' was called more than once in "
                                    "one probe forward (weight sharing or activation "
                                    "checkpointing); per-sample Grams need one call per forward")
-            x = args[0].detach()
+            x = (args[0] if args else kwargs["input"]).detach()
             pl.input, pl.input_version = x, x._version
             if self._active == "loss":
                 output.register_hook(self._make_grad_hook(pl, self._generation))
@@ -519,6 +524,10 @@ class MNTKProbe:
             loss_scale = 1.0 / float(loss_weights) ** 2
         self._start("loss", out)
         self._row_scale, self._loss_scale = row_scale, loss_scale
+
+    def cancel(self) -> None:
+        """Drop a probe in flight (e.g. a training step that failed between begin() and gram())."""
+        self._finish()
 
     def gram(self) -> torch.Tensor:
         """The batch's K, float32 (M, n, n), after the backward that followed :meth:`begin`.
