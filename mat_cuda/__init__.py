@@ -3,8 +3,11 @@
 See README.md for the quick start and ../shared/DESIGN.md for the math and the data flow.
 """
 from ._ops import build_info
+from .gram import embedding_gram_, linear_gram_, sample_gram_
 from .mntk import MNTKProbe
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "MNTKProbe", "__version__"]
+__all__ = ["build_info", "__version__",
+           "linear_gram_", "embedding_gram_", "sample_gram_",
+           "MNTKProbe"]
