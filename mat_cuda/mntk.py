@@ -250,7 +250,7 @@ class _ProbedLayer:
                    row_scale: torch.Tensor | None, algorithm: str) -> None:
         """K += scale · this layer's module Grams from its stored input and ``grad_out``.
 
-        row_scale: optional (n,) factor applied to sample i's gradient (loss weights)."""
+        row_scale: optional (n,) or 0-d factor applied to sample i's gradient (loss weights)."""
         x = self._check_input_unchanged()
         n = K.shape[1]
         if x.dim() == 0 or x.shape[0] != n or grad_out.shape[0] != n:
@@ -258,7 +258,9 @@ class _ProbedLayer:
                                f"output gradient {tuple(grad_out.shape)}, expected the sample "
                                f"axis (dim 0) of size n={n}")
         if row_scale is not None:
-            grad_out = grad_out * row_scale.to(grad_out.dtype).view((n,) + (1,) * (grad_out.dim() - 1))
+            if row_scale.dim() == 1:
+                row_scale = row_scale.view((n,) + (1,) * (grad_out.dim() - 1))
+            grad_out = grad_out * row_scale.to(grad_out.dtype)
         if self.kind in ("linear", "conv1d", "conv2d"):
             A, B = self._linear_factors(x, grad_out)
             dev = K.device
@@ -467,7 +469,7 @@ class MNTKProbe:
     def _loss_scales(self, n: int) -> tuple[float, torch.Tensor | None]:
         """(scale of K, per-sample factor of the output gradients) undoing the weights w_i."""
         if self._row_scale is not None:
-            if self._row_scale.shape[0] != n:
+            if self._row_scale.dim() == 1 and self._row_scale.shape[0] != n:
                 raise RuntimeError(f"MNTKProbe: loss_weights has {self._row_scale.shape[0]} "
                                    f"entries but the batch has n={n} samples")
             return 1.0, self._row_scale
@@ -502,8 +504,9 @@ class MNTKProbe:
 
         out: optional float32 (M, n, n) tensor that :meth:`gram` adds this batch's Grams into
             (accumulating several batches); default: a fresh zero tensor.
-        loss_weights: w_i in L = Σ_i w_i ℓ_i: a float (every sample) or a (n,) tensor on the
-            model's device; default from ``loss_reduction`` (1/n for "mean", 1 for "sum").
+        loss_weights: w_i in L = Σ_i w_i ℓ_i: a float or 0-d tensor (every sample) or a (n,)
+            tensor, tensors on the model's device (read there, no host synchronisation);
+            default from ``loss_reduction`` (1/n for "mean", 1 for "sum").
         """
         if self.mode != "loss":
             raise RuntimeError(f"MNTKProbe: begin()/gram() are for mode 'loss'; this probe is "
@@ -514,9 +517,10 @@ class MNTKProbe:
             _check_out(out, self.module_map.num_modules)
         row_scale, loss_scale = None, None
         if isinstance(loss_weights, torch.Tensor):
-            if loss_weights.dim() != 1 or not loss_weights.is_floating_point():
-                raise ValueError(f"MNTKProbe: loss_weights must be a float or a floating (n,) "
-                                 f"tensor, got {loss_weights.dtype} {tuple(loss_weights.shape)}")
+            if loss_weights.dim() > 1 or not loss_weights.is_floating_point():
+                raise ValueError(f"MNTKProbe: loss_weights must be a float or a floating 0-d or "
+                                 f"(n,) tensor, got {loss_weights.dtype} "
+                                 f"{tuple(loss_weights.shape)}")
             row_scale = 1.0 / loss_weights.detach().to(torch.float32)
         elif loss_weights is not None:
             if not float(loss_weights) > 0:

@@ -132,6 +132,18 @@ def test_loss_weights_float_and_accumulation(device):
     _assert_modules_close(K - K0, ref, mm)
 
 
+def test_loss_weights_0d_tensor(device):
+    # e.g. a GradScaler scale kept on the device: w = S / n as a 0-d tensor, no host read.
+    model, mm, x, y = make_cnn()
+    model, x, y = _to(device, model, x, y)
+    S = torch.tensor(1024.0, device=device)
+    with MNTKProbe(model, mm, algorithm="explicit") as probe:
+        probe.begin(loss_weights=S / x.shape[0])
+        (S * F.cross_entropy(model(x), y)).backward()
+        K = probe.gram()
+    _assert_modules_close(K, _oracle(model, mm, _ce, x, y), mm)
+
+
 def test_loss_mode_n_equals_one(device):
     model, mm, x, y = make_mlp(n=1)
     model, x, y = _to(device, model, x, y)
@@ -405,6 +417,8 @@ def test_bad_arguments():
         probe.begin(out=torch.zeros(mm.num_modules, 6, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="loss_weights"):
         probe.begin(loss_weights=torch.ones(6, 2))
+    with pytest.raises(ValueError, match="loss_weights"):
+        probe.begin(loss_weights=torch.ones(6, dtype=torch.int64))
     probe.begin()
     with pytest.raises(RuntimeError, match="already in flight"):
         probe.begin()
