@@ -364,8 +364,9 @@ class MNTKProbe:
         generator: optional ``torch.Generator`` for the projections of mode ``"output"``.
 
     The hooks are installed at construction and removed by :meth:`close` (or leaving a
-    ``with`` block). Outside a probe (between :meth:`begin` and :meth:`gram`, or inside
-    :meth:`measure`) they return at once.
+    ``with`` block). They record only while a probe is in flight (between :meth:`begin` and
+    :meth:`gram`, or inside :meth:`measure`); otherwise they return at once. Build the probe
+    after the module map is complete: the Gram calls of each layer are planned here.
     """
 
     def __init__(self, model: nn.Module, module_map: ModuleMap, mode: str = "loss", *,

@@ -267,6 +267,35 @@ def test_measure_accumulates_and_accepts_forward_fn(device):
     _assert_modules_close(K, ref, mm)
 
 
+class _Branches(nn.Module):
+    """A Linear fed a 4-D input (n, a, b, d), and a branch the loss never reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.unused = nn.Linear(5, 2)
+
+    def forward(self, x):                                   # x (n, 2, 3, 5)
+        self.unused(x)
+        return torch.tanh(self.fc(x)).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_multi_axis_input_and_layer_off_the_loss_path(device, algorithm):
+    model = _Branches().to(device)
+    mm = ModuleMap.per_parameter(model)
+    x = torch.randn(6, 2, 3, 5, device=device)
+    y = torch.randint(0, 3, (6,), device=device)
+    with MNTKProbe(model, mm, algorithm=algorithm) as probe:
+        probe.begin()
+        F.cross_entropy(model(x), y).backward()
+        K = probe.gram()
+    ref = _oracle(model, mm, _ce, x, y)
+    assert [mm.names[m] for m in range(mm.num_modules) if ref[m].abs().sum() == 0] == \
+        ["unused.weight", "unused.bias"]
+    _assert_modules_close(K, ref, mm)
+
+
 # ---- hooks and state ----------------------------------------------------------------------------
 
 def test_hooks_removed_on_close_and_context_exit():
