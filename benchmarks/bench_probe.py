@@ -5,6 +5,8 @@ with packed QKV built from nn.Linear, GELU FFN, LM head) with the MAT module map
 head (its Q/K/V rows, biases and W_O columns), one per FFN block, one per LayerNorm, the
 embedding and the head. Batch loss: token-mean masked-LM cross-entropy.
 
+A second model, an MLP (no sequence axis: T = 1), shows the other end of the cost model.
+
 Routes, each producing K (M, n, n) of sample i's own loss-term gradients:
 - probe: begin(), the training step's forward and backward, gram() (the step included);
 - torch.func: vmap(grad) per-sample gradients of every parameter, then each module's Gram
@@ -103,24 +105,68 @@ def _grams_fp32(model, mm, grads: dict, n: int, device) -> torch.Tensor:
     return K
 
 
-def _case(device: str, n: int, T: int, d: int, heads: int, layers: int, vocab: int,
-          repeat: int) -> dict:
-    from torch.func import functional_call, grad, vmap
+class _MLP(nn.Module):
+    def __init__(self, d_in, d, layers, classes):
+        super().__init__()
+        dims = [d_in] + [d] * layers
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = nn.Linear(d, classes)
 
-    from mat_cuda import MNTKProbe
+    def forward(self, x):
+        for lin in self.layers:
+            x = F.gelu(lin(x))
+        return self.head(x)
 
-    torch.manual_seed(0)
+
+def _encoder_case(device, n, T, d, heads, layers, vocab):
+    """(label, model, module map, step loss fn, per-sample loss fn, per-sample args)."""
     model = _Encoder(vocab, d, heads, 4 * d, layers, T).to(device)
-    mm = _module_map(model)
     ids = torch.randint(1, vocab, (n, T), device=device)
     target = torch.randint(1, vocab, (n, T), device=device)
     mask = torch.rand(n, T, device=device) < 0.15
     mask[:, 0] = True
     N = mask.sum()
 
+    def loss():
+        return F.cross_entropy(model(ids)[mask], target[mask])
+
+    def sample_loss(logits, t_i, m_i):                       # ℓ_i = (n / N) Σ_t m·l_it
+        return (n / N) * (F.cross_entropy(logits, t_i, reduction="none") * m_i).sum()
+
+    return (f"encoder L{layers} d{d} H{heads}", model, _module_map(model), loss, sample_loss,
+            (ids, target, mask.float()))
+
+
+def _mlp_case(device, n, d, layers, classes=10):
+    from mat_cuda.modules import ModuleMap
+
+    model = _MLP(d, d, layers, classes).to(device)
+    mm = ModuleMap()
+    for i, lin in enumerate(list(model.layers) + [model.head]):
+        m = mm.add_module(f"layer{i}", "layer")
+        mm.assign_whole(lin.weight, m)
+        mm.assign_whole(lin.bias, m)
+    x = torch.randn(n, d, device=device)
+    y = torch.randint(0, classes, (n,), device=device)
+
+    def loss():
+        return F.cross_entropy(model(x), y)
+
+    def sample_loss(logits, y_i):
+        return F.cross_entropy(logits.unsqueeze(0), y_i.unsqueeze(0))
+
+    return f"MLP L{layers} d{d}", model, mm, loss, sample_loss, (x, y)
+
+
+def _time_routes(device, case, n, T, repeat):
+    from torch.func import functional_call, grad, vmap
+
+    from mat_cuda import MNTKProbe
+
+    label, model, mm, loss, sample_loss, batch = case
+
     def step():
-        out = model(ids)
-        F.cross_entropy(out[mask], target[mask]).backward()
+        loss().backward()
 
     probe = MNTKProbe(model, mm)
 
@@ -131,14 +177,13 @@ def _case(device: str, n: int, T: int, d: int, heads: int, layers: int, vocab: i
 
     params = {k: p.detach() for k, p in model.named_parameters()}
 
-    def sample_loss(p, ids_i, t_i, m_i):                     # ℓ_i = (n / N) Σ_t m·l_it
-        logits = functional_call(model, p, (ids_i.unsqueeze(0),))[0]
-        return (n / N) * (F.cross_entropy(logits, t_i, reduction="none") * m_i).sum()
+    def one_sample(p, x_i, *rest):
+        return sample_loss(functional_call(model, p, (x_i.unsqueeze(0),))[0], *rest)
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
+    per_sample = vmap(grad(one_sample), in_dims=(None,) + (0,) * len(batch))
 
     def torch_func_route():
-        return _grams_fp32(model, mm, per_sample(params, ids, target, mask.float()), n, device)
+        return _grams_fp32(model, mm, per_sample(params, *batch), n, device)
 
     # the two routes agree before anything is timed
     K_probe, K_func = probed_step(), torch_func_route()
@@ -149,7 +194,7 @@ def _case(device: str, n: int, T: int, d: int, heads: int, layers: int, vocab: i
     t_probe = time_fn(probed_step, device, warmup=2, repeat=repeat)["median_ms"]
     t_func = time_fn(torch_func_route, device, warmup=1, repeat=max(3, repeat // 2))["median_ms"]
     probe.close()
-    return {"device": device, "model": f"encoder L{layers} d{d} H{heads}", "n": n, "T": T,
+    return {"device": device, "model": label, "n": n, "T": T,
             "modules": mm.num_modules, "step_ms": t_step, "probe_ms": t_probe,
             "probe_extra_ms": t_probe - t_step, "torch_func_ms": t_func,
             "speedup_extra": t_func / max(t_probe - t_step, 1e-3),
@@ -160,15 +205,22 @@ def run_probe_benchmark(devices: list[str], quick: bool) -> dict:
     """Time the probe's mode "loss" against the torch.func route (see the module docstring)."""
     rows = []
     for dev in devices:
+        vocab = 500 if dev == "cuda" else 200
         if quick:
-            shapes = [(16, 32, 64, 4, 2)]
+            encoders, mlps = [(16, 32, 64, 4, 2)], [(32, 256, 3)]
         elif dev == "cuda":
-            shapes = [(32, 128, 256, 4, 4), (64, 128, 256, 8, 4)]
+            encoders = [(32, 128, 256, 4, 4), (64, 128, 256, 8, 4), (16, 32, 512, 8, 4)]
+            mlps = [(64, 1024, 4)]
         else:
-            shapes = [(16, 32, 64, 4, 2), (32, 64, 128, 4, 4)]
-        for n, T, d, heads, layers in shapes:
-            rows.append(_case(dev, n, T, d, heads, layers, vocab=500 if dev == "cuda" else 200,
-                              repeat=5 if quick else 10))
+            encoders = [(16, 32, 64, 4, 2), (32, 64, 128, 4, 4), (8, 16, 256, 4, 2)]
+            mlps = [(64, 512, 4)]
+        torch.manual_seed(0)
+        for n, T, d, heads, layers in encoders:
+            rows.append(_time_routes(dev, _encoder_case(dev, n, T, d, heads, layers, vocab), n, T,
+                                     repeat=5 if quick else 10))
+        for n, d, layers in mlps:
+            rows.append(_time_routes(dev, _mlp_case(dev, n, d, layers), n, 1,
+                                     repeat=5 if quick else 10))
     return {
         "title": "mNTK probe, mode loss, whole model vs torch.func",
         "columns": COLUMNS,
