@@ -256,8 +256,9 @@ class MAT:
 
     def _loss_scale(self):
         """The factor the loss was multiplied by beyond the per-sample weights: the scaler's
-        scale (a device tensor) times the accumulation steps; None when it is 1."""
-        factor = float(self.accumulation_steps)
+        scale (a device tensor) over the accumulation steps (the micro-batch loss is the batch
+        loss / A); None when it is 1."""
+        factor = 1.0 / self.accumulation_steps
         if self.scaler is not None and self.scaler.is_enabled():
             if self.scaler._scale is None:  # created lazily by the first scaler.scale()
                 self.scaler._lazy_init_scale_growth_tracker(self.device)
