@@ -191,33 +191,38 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _prepare_group(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The group's parameters that have a gradient, and their (contiguous) gradients.
         Raises on anything the kernels do not support, before any tensor is written."""
-        name = type(self).__name__
         self._check_hyperparameters(group)
         params, grads = [], []
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
             g = p.grad
-            where = f"{name}: parameter {i} of its group (shape {tuple(p.shape)})"
-            if p.device != self._device:
-                raise ValueError(f"{where} is on {p.device}, but the optimizer's parameters are on "
-                                 f"{self._device}; all parameters must be on one device")
-            if p.is_complex() or g.is_complex():
-                raise ValueError(f"{where}: complex parameters and gradients are not supported")
-            if g.is_sparse or g.layout != torch.strided:
-                raise ValueError(f"{where}: sparse gradients ({g.layout}) are not supported")
-            if p.dtype not in _SUPPORTED_DTYPES:
-                raise ValueError(f"{where}: dtype {p.dtype} is not supported "
-                                 "(float32, bfloat16 or float16)")
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                raise ValueError(f"{where}: gradient has dtype {g.dtype}, shape {tuple(g.shape)} on "
-                                 f"{g.device}; expected the parameter's {p.dtype}, "
-                                 f"{tuple(p.shape)} on {p.device}")
-            if not p.is_contiguous():
-                raise ValueError(f"{where}: the parameter must be contiguous")
+            if g is None:
+                continue
+            # One combined test on the hot path; the detailed checks only name what failed.
+            if not (p.dtype in _SUPPORTED_DTYPES and g.dtype == p.dtype and g.layout == torch.strided
+                    and p.device == self._device and g.device == p.device and g.shape == p.shape
+                    and p.is_contiguous()):
+                self._explain_bad_parameter(i, p, g)
             params.append(p)
             grads.append(g.contiguous())
         return params, grads
+
+    def _explain_bad_parameter(self, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        where = f"{type(self).__name__}: parameter {i} of its group (shape {tuple(p.shape)})"
+        if p.device != self._device:
+            raise ValueError(f"{where} is on {p.device}, but the optimizer's parameters are on "
+                             f"{self._device}; all parameters must be on one device")
+        if p.is_complex() or g.is_complex():
+            raise ValueError(f"{where}: complex parameters and gradients are not supported")
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError(f"{where}: sparse gradients ({g.layout}) are not supported")
+        if p.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{where}: dtype {p.dtype} is not supported "
+                             "(float32, bfloat16 or float16)")
+        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            raise ValueError(f"{where}: gradient has dtype {g.dtype}, shape {tuple(g.shape)} on "
+                             f"{g.device}; expected the parameter's {p.dtype}, "
+                             f"{tuple(p.shape)} on {p.device}")
+        raise ValueError(f"{where}: the parameter must be contiguous")
 
     def _amp_tensor(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
