@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "optim/masked_step_simd.h"
@@ -24,7 +25,8 @@ struct VecSqrt {
   Vec operator()(const Vec& x) const { return x.sqrt(); }
 };
 
-const bool kHasAvx = cpu_has_avx();
+// MAT_CUDA_DISABLE_AVX=1 forces the at::vec path (how the tests cover CPUs without AVX).
+const bool kHasAvx = cpu_has_avx() && std::getenv("MAT_CUDA_DISABLE_AVX") == nullptr;
 
 // Elements per parallel task: large enough to amortise the run search, small enough to balance.
 constexpr int64_t kChunk = 32768;
