@@ -217,3 +217,22 @@ def test_cpu_path_without_avx_matches_reference():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_torch_compile_fullgraph_traces_the_ops(device):
+    # The fake kernels let Dynamo/AOTAutograd trace a step with no graph break.
+    params, grads, steps, mask, layout, groups = _problem(device, torch.float32)
+    m = [torch.zeros(p.shape, device=device) for p in params]
+    v = [torch.zeros(p.shape, device=device) for p in params]
+    rp, _, _ = ref.masked_adamw_step_ref(params, grads, m, v, steps, mask, layout, groups,
+                                         0.1, 0.9, 0.99, 0.01, 1e-8)
+    expected_steps = ref.masked_module_steps_ref(steps, mask)
+
+    def step(params, grads, m, v, steps, mask):
+        ops.masked_adamw_step_(params, grads, m, v, steps, mask, layout, groups, 0.1, 0.9, 0.99,
+                               0.01, 1e-8, False, None, None)
+        ops.masked_module_steps_(steps, mask, None)
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")(params, grads, m, v, steps, mask)
+    assert_close_rel(torch.cat([p.flatten() for p in params]), torch.cat([p.flatten() for p in rp]))
+    assert torch.equal(steps, expected_steps)
