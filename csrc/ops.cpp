@@ -13,6 +13,23 @@
 
 TORCH_LIBRARY(mat_cuda, m) {
   // ---- optim: fused masked optimizer steps (csrc/optim/) ----
+  // Per-module step counts (num_modules + 1,) int64: slot m advances when module_mask[m] is set
+  // and found_inf is unset or zero; the last slot (unmanaged elements) advances every step.
+  m.def("masked_module_steps_(Tensor(a!) module_steps, Tensor module_mask, Tensor? found_inf) -> ()");
+  // One AdamW step of the elements of active modules (torch.optim.AdamW's update, bias
+  // correction at the module's own step count + 1); masked elements and their state untouched.
+  // module_steps holds the counts before this step (read only; masked_module_steps_ follows).
+  // layout_table: (T, 4) int64 on the CPU; group_table: (G,) int64 on the params' device.
+  m.def("masked_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor module_steps, Tensor module_mask, Tensor layout_table, "
+        "Tensor group_table, float lr, float beta1, float beta2, float weight_decay, float eps, "
+        "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // One SGD step (momentum, dampening, nesterov, weight decay) of the elements of active modules;
+  // momentum_buffers may be empty when momentum == 0. A module at step count 0 starts its buffer.
+  m.def("masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor module_steps, Tensor module_mask, Tensor layout_table, Tensor group_table, "
+        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+        "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
 
   // ---- linalg: batched Lanczos (csrc/linalg/) ----
 

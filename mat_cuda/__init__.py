@@ -4,10 +4,18 @@ See README.md for the quick start and ../shared/DESIGN.md for the math and the d
 """
 from ._ops import build_info
 from .discovery import AttentionSpec, Discovery, FFNSpec, discover, resolve_modules
+from .modules import ModuleMap
 from .nn import Skipper
+from .optim import MaskedAdamW, MaskedSGD
 from .policy import MATPolicy, ModularPolicy, Policy, TemporalPolicy
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "__version__", "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
-           "AttentionSpec", "Discovery", "FFNSpec", "discover", "resolve_modules", "Skipper"]
+__all__ = [
+    "build_info", "__version__",
+    # kernels and their wrappers
+    "MaskedAdamW", "MaskedSGD", "ModuleMap",
+    # MAT building blocks
+    "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
+    "AttentionSpec", "Discovery", "FFNSpec", "discover", "resolve_modules", "Skipper",
+]

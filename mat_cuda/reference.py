@@ -1,0 +1,93 @@
+"""Plain-PyTorch versions of mat_cuda's ops: the tests' oracles, readable as documentation.
+
+Each function takes the op's arguments and returns new tensors instead of writing in place;
+the math runs in float64 so that a test measures only the kernel's own rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+# ---- optim ----
+
+def element_modules_ref(layout_row: torch.Tensor, group_table: torch.Tensor, numel: int) -> torch.Tensor:
+    """The module of every flat element of a contiguous tensor, (numel,) int64, decoded from one
+    row of ModuleMap.kernel_tables' layout table (see mat_cuda/modules.py)."""
+    code, a, b, c = (int(v) for v in layout_row)
+    idx = torch.arange(numel, device=group_table.device)
+    if code == 0:
+        return torch.full((numel,), a, dtype=torch.int64, device=group_table.device)
+    groups = idx // b if code == 1 else (idx % c) // b
+    return group_table[a + groups]
+
+
+def _active_elements(layout_row, group_table, module_mask, numel):
+    """(numel,) bool: the element's module is active (slot num_modules, unmanaged, always is)."""
+    full_mask = torch.cat([module_mask, module_mask.new_ones(1)])
+    return full_mask[element_modules_ref(layout_row, group_table, numel)]
+
+
+def masked_module_steps_ref(module_steps, module_mask, found_inf=None) -> torch.Tensor:
+    """Step counts after one step: active slots (and the unmanaged last slot) advance by one
+    unless found_inf is nonzero. module_steps: (M + 1,) int64; module_mask: (M,) bool."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return module_steps.clone()
+    active = torch.cat([module_mask, module_mask.new_ones(1)])
+    return module_steps + active.to(module_steps.dtype)
+
+
+def _prepared_grad(g, grad_scale, maximize):
+    g = g.double()
+    if grad_scale is not None:
+        g = g / grad_scale.double()
+    return -g if maximize else g
+
+
+def masked_adamw_step_ref(params, grads, exp_avgs, exp_avg_sqs, module_steps, module_mask,
+                          layout_table, group_table, lr, beta1, beta2, weight_decay, eps,
+                          maximize=False, grad_scale=None, found_inf=None):
+    """torch.optim.AdamW's update applied to the elements of active modules, bias-corrected at
+    each element's module step count + 1. Returns (params, exp_avgs, exp_avg_sqs) as new lists
+    (params in their dtype, state float32); masked elements keep their input values exactly."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return [p.clone() for p in params], [m.clone() for m in exp_avgs], [v.clone() for v in exp_avg_sqs]
+    out_p, out_m, out_v = [], [], []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        flat_mod = element_modules_ref(layout_table[i], group_table, p.numel())
+        active = _active_elements(layout_table[i], group_table, module_mask, p.numel()).view(p.shape)
+        step = (module_steps[flat_mod] + 1).double().view(p.shape)
+        g64 = _prepared_grad(g, grad_scale, maximize)
+        p64 = p.double() * (1 - lr * weight_decay)
+        m64 = m.double() * beta1 + (1 - beta1) * g64
+        v64 = v.double() * beta2 + (1 - beta2) * g64 * g64
+        bc1 = 1 - beta1 ** step
+        bc2 = 1 - beta2 ** step
+        p64 = p64 - (lr / bc1) * m64 / (v64.sqrt() / bc2.sqrt() + eps)
+        out_p.append(torch.where(active, p64.to(p.dtype), p))
+        out_m.append(torch.where(active, m64.float(), m))
+        out_v.append(torch.where(active, v64.float(), v))
+    return out_p, out_m, out_v
+
+
+def masked_sgd_step_ref(params, grads, momentum_buffers, module_steps, module_mask, layout_table,
+                        group_table, lr, momentum, dampening, weight_decay, nesterov,
+                        maximize=False, grad_scale=None, found_inf=None):
+    """torch.optim.SGD's update applied to the elements of active modules; a module at step
+    count 0 starts its momentum buffer at the gradient. Returns (params, momentum_buffers)."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return [p.clone() for p in params], [b.clone() for b in momentum_buffers]
+    out_p, out_b = [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        flat_mod = element_modules_ref(layout_table[i], group_table, p.numel())
+        active = _active_elements(layout_table[i], group_table, module_mask, p.numel()).view(p.shape)
+        first = (module_steps[flat_mod] == 0).view(p.shape)
+        d = _prepared_grad(g, grad_scale, maximize)
+        if weight_decay != 0:
+            d = d + weight_decay * p.double()
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            b64 = torch.where(first, d, buf.double() * momentum + (1 - dampening) * d)
+            d = d + momentum * b64 if nesterov else b64
+            out_b.append(torch.where(active, b64.float(), buf))
+        p64 = p.double() - lr * d
+        out_p.append(torch.where(active, p64.to(p.dtype), p))
+    return out_p, out_b
