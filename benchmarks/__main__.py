@@ -22,6 +22,7 @@ KERNEL_BENCHES = {
     "lanczos": "benchmarks.bench_lanczos",
     "gram": "benchmarks.bench_gram",
     "skip": "benchmarks.bench_skip",
+    "mat": "benchmarks.bench_mat",
 }
 
 
