@@ -324,3 +324,32 @@ def test_other_bad_arguments():
         MAT(model, opt, policy=MATPolicy(["head"] * 4 + ["ffn"] * 2), probe_every=5)
     # Nothing was left converted or hooked by the failed constructions.
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_explicit_module_map_skips_whole_tensor_modules():
+    # An explicit map has no discovered attention/FFN structures: whole-tensor modules are
+    # skipped through requires_grad, row/column groups would be masked by the optimizer only.
+    model = make_model()
+    mm = ModuleMap()
+    for i, layer in enumerate(model.layers):
+        m = mm.add_module(f"ffn{i}", "ffn")
+        for p in layer.ffn.parameters():
+            mm.assign_whole(p, m)
+    kinds = mm.kinds
+    policy = MATPolicy(kinds, modular=ModularPolicy(kinds, mode="budget", budget=0.5),
+                       warmup=0, probe_every=3)
+    mat = MAT(model, torch.optim.AdamW(model.parameters(), lr=1e-2), modules=mm, policy=policy)
+    assert mat.skipper.attentions == [] and mat.skipper.skipped_modules == [0, 1]
+    data = make_batches(2)
+    step(mat, model, data[0])               # probe step: one FFN frozen from here on
+    frozen = (~mat.optimizer.module_mask).nonzero().flatten().tolist()
+    assert len(frozen) == 1
+    frozen_params = list(model.layers[frozen[0]].ffn.parameters())
+    assert not any(p.requires_grad for p in frozen_params)
+    before = [p.detach().clone() for p in frozen_params]
+    x, y = data[1]
+    mlm_loss(model(x), y).backward()
+    assert all(p.grad is None for p in frozen_params)
+    mat.step()
+    assert all(torch.equal(p, b) for p, b in zip(frozen_params, before))
+    mat.close()
