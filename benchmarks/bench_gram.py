@@ -17,6 +17,8 @@ gradients: 2nT·d_in·d_out, the Gram: 2n²·d_in·d_out, the layer: 3·2nT·d_i
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 from torch.func import grad, vmap
 
@@ -97,17 +99,27 @@ def _torch_func(K, layer):
 
 
 def _layer_forward_backward(layer):
-    for _, W, b, A, B, *_ in layer:
-        W.requires_grad_(True)
-        if b is not None:
-            b.requires_grad_(True)
-        A.requires_grad_(True)
+    # Own leaf copies, so the other methods' inputs never require grad.
+    maps = [(W.clone().requires_grad_(True), None if b is None else b.clone().requires_grad_(True),
+             A.clone().requires_grad_(True), B) for _, W, b, A, B, *_ in layer]
 
     def run():
-        for _, W, b, A, B, *_ in layer:
-            y = torch.nn.functional.linear(A, W, b)
-            y.backward(B)
+        for W, b, A, B in maps:
+            torch.nn.functional.linear(A, W, b).backward(B)
     return run
+
+
+def _interleaved_medians(methods: dict, device: str, warmup: int, repeat: int) -> dict:
+    """Median ms of each method, timed round-robin (one call of each per round) so that load
+    from other processes on a shared machine falls on all methods alike."""
+    times = {key: [] for key in methods}
+    for fn in methods.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeat):
+        for key, fn in methods.items():
+            times[key].append(time_fn(fn, device, warmup=0, repeat=1)["median_ms"])
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def _peak_extra_mb(fn, device):
@@ -132,15 +144,12 @@ def run(devices: list[str], quick: bool) -> dict:
             K = torch.zeros(M, n, n, device=device)
             check = _explicit(torch.zeros_like(K), layer)
             err = ((_mat_cuda(torch.zeros_like(K), layer, device) - check).norm() / check.norm()).item()
-            t = {}
             methods = {"mat_cuda": lambda: _mat_cuda(K, layer, device),
                        "torch.func": lambda: _torch_func(K, layer),
                        "explicit": lambda: _explicit(K, layer)}
-            for key, fn in methods.items():
-                t[key] = time_fn(fn, device, warmup=warmup, repeat=repeat)["median_ms"]
             peak = {key: _peak_extra_mb(fn, device) for key, fn in methods.items()}
-            t["layer"] = time_fn(_layer_forward_backward(layer), device, warmup=warmup,
-                                 repeat=repeat)["median_ms"]
+            methods["layer"] = _layer_forward_backward(layer)
+            t = _interleaved_medians(methods, device, warmup, repeat)
             floor = (T + n) / (3 * T) * t["layer"]
             rows.append({
                 "device": device, "shape": f"{name} (n={n}, T={T}, d={d}, H={H}, ffn={d_ff})",

@@ -39,6 +39,8 @@ LINEAR_CASES = [
     (1, 4, 3, 5, 0, 5, [0], True),  # n = 1
     (7, 1, 13, 3, 0, 1, [2, 1, 0], True),
     (5, None, 1, 1, 1, None, [0], False),
+    (3, 37, 5, 6, 0, 3, [0, 1], True),  # T >= 16: the CUDA kernel's block-per-pair path
+    (2, 16, 4, 4, 1, 2, [1, 1], False),
 ]
 
 
@@ -93,6 +95,10 @@ def test_linear_gram_bias_only_and_zero_T(device, algorithm):
     A, B = _rand(n, 3, d_in, device=device), _rand(n, 3, d_out, device=device)
     _check_linear(device, A, B, [0, 1], 2, group_size=3, weight=False, bias=True,
                   algorithm=algorithm)
+    # n = 0: nothing to do, no error.
+    gram.linear_gram_(torch.zeros(2, 0, 0, device=device), _rand(0, 3, d_in, device=device),
+                      _rand(0, 3, d_out, device=device), torch.tensor([0, 1], device=device),
+                      group_size=3, bias=True, algorithm=algorithm)
     # T = 0 contributes nothing: K unchanged.
     K = _rand(2, n, n, device=device)
     before = K.clone()
@@ -100,6 +106,15 @@ def test_linear_gram_bias_only_and_zero_T(device, algorithm):
                       torch.tensor([0, 1], device=device), group_size=3, bias=True,
                       algorithm=algorithm)
     assert torch.equal(K, before)
+
+
+@pytest.mark.parametrize("algorithm", ["ghost", "explicit"])
+def test_linear_gram_non_contiguous_inputs(device, algorithm):
+    # Hooks may hand over transposed or sliced views.
+    n, T, d_in, d_out = 4, 5, 6, 8
+    A = _rand(n, d_in, T, device=device).transpose(1, 2)
+    B = _rand(d_out * 2, n, T, device=device).permute(1, 2, 0)[:, :, ::2]
+    _check_linear(device, A, B, [1, 0], 2, group_size=4, bias=True, algorithm=algorithm)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -121,8 +136,9 @@ def test_linear_gram_auto_picks_cheaper_form_consistently(device):
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])
-def test_embedding_gram_matches_reference(device, padding_idx):
-    n, T, d = 5, 9, 6
+@pytest.mark.parametrize("T", [9, 20])
+def test_embedding_gram_matches_reference(device, padding_idx, T):
+    n, d = 5, 6
     idx = torch.randint(0, 4, (n, T), device=device)  # few ids: many repeats within and across samples
     B = _rand(n, T, d, device=device)
     K = _rand(3, n, n, device=device)

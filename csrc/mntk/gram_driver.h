@@ -141,7 +141,10 @@ inline void explicit_gram(const GramKernels& k, at::Tensor& K, const at::Tensor&
                           double scale, int64_t workspace_bytes) {
   const int64_t n = R.size(0), dR = R.size(2), dS = S.size(2), G = group_module.size(0);
   const int64_t per_col = static_cast<int64_t>(sizeof(float)) * n * std::max<int64_t>(dR, 1);
-  const int64_t cs = std::min(std::max<int64_t>(workspace_bytes / per_col, 1), dS);
+  // Equal chunks (a short last chunk would be an inefficient GEMM).
+  const int64_t max_cs = std::min(std::max<int64_t>(workspace_bytes / per_col, 1), dS);
+  const int64_t num_chunks = (dS + max_cs - 1) / max_cs;
+  const int64_t cs = (dS + num_chunks - 1) / num_chunks;
   const at::Tensor Rt = R.transpose(1, 2);  // (n, dR, T)
   at::Tensor acc = at::zeros({G, n, n}, R.options());
   for (int64_t c0 = 0; c0 < dS; c0 += cs) {
