@@ -23,6 +23,7 @@ def _check_linear(device, A, B, gm, M, *, dtype=torch.float32, **kw):
     assert out is K
     kw.pop("algorithm", None)
     kw.pop("workspace_bytes", None)
+    kw.pop("workspace", None)
     ref.linear_gram_(K64, A.cpu(), B.cpu(), gm, **kw)
     err = rel_err(K, K64)
     assert err <= TOL, f"relative error {err:.3e} > {TOL:.0e}"
@@ -66,6 +67,12 @@ def test_linear_gram_tiled_by_small_workspace(device, algorithm, group_dim):
     for ws in (64, 1500, 6000):
         _check_linear(device, A, B, gm, 3, group_dim=group_dim, group_size=2,
                       bias=group_dim == 0, algorithm=algorithm, workspace_bytes=ws)
+    # A caller's reusable workspace: too small for one chunk (a fresh buffer is used), a few
+    # chunks, everything at once; its contents never matter.
+    for numel in (1, 200, 10_000):
+        workspace = torch.full((numel,), float("nan"), device=device)
+        _check_linear(device, A, B, gm, 3, group_dim=group_dim, group_size=2,
+                      bias=group_dim == 0, algorithm=algorithm, workspace=workspace)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -182,6 +189,9 @@ def test_opcheck(device):
     for algorithm in (1, 2):
         torch.library.opcheck(torch.ops.mat_cuda.linear_gram_,
                               (K, A, B, gm, 0, 2, True, True, 0.5, algorithm, 1 << 20))
+        torch.library.opcheck(torch.ops.mat_cuda.linear_gram_,
+                              (K, A, B, gm, 0, 2, True, True, 0.5, algorithm, 1 << 20,
+                               torch.empty(1000, device=device)))
     idx = torch.randint(0, 3, (n, 4), device=device)
     torch.library.opcheck(torch.ops.mat_cuda.embedding_gram_, (K, idx, B, 1, 0, 1.0, 1 << 20))
     torch.library.opcheck(torch.ops.mat_cuda.sample_gram_,
@@ -210,6 +220,7 @@ BAD_LINEAR = [
     ("bias cols", lambda a: None, {"group_dim": 1, "bias": True, "group_size": 5}, "bias=True needs group_dim=0"),
     ("group_dim", lambda a: None, {"group_dim": 2}, "group_dim must be"),
     ("algorithm", lambda a: None, {"algorithm": "fast"}, "algorithm must be"),
+    ("workspace dtype", lambda a: None, {"workspace": torch.empty(100, dtype=torch.float64)}, "workspace must"),
 ]
 
 
