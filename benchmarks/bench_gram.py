@@ -136,7 +136,7 @@ def _peak_extra_mb(fn, device):
 
 def run(devices: list[str], quick: bool) -> dict:
     rows = []
-    repeat, warmup = (2, 1) if quick else (5, 2)
+    repeat, warmup = (2, 1) if quick else (7, 1)
     for device in devices:
         for name, n, T, d, H, d_ff in (SHAPES_QUICK if quick else SHAPES_FULL):
             torch.manual_seed(0)
