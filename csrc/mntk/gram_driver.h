@@ -172,12 +172,18 @@ inline void bias_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& R,
                  scale);
 }
 
-// Estimated multiply-adds of each form (DESIGN.md cost model). The ghost form computes only
-// upper-triangle tiles (about half of the n·T x n·T Grams); the explicit one forms n·T·dS·dR
-// per-sample gradient entries and an n² Gram over dS·dR of them.
-inline bool ghost_is_cheaper(int64_t n, int64_t T, int64_t dS, int64_t dR) {
+// Estimated multiply-adds of each form (DESIGN.md cost model). The ghost form computes the
+// upper-triangle tiles of its sample-block tiling (all of the n·T x n·T Grams when one tile
+// holds every sample, about half with many tiles): two Grams over dS + dR features plus one
+// Hadamard reduction per group. The explicit one forms n·T·dS·dR per-sample gradient entries
+// and an n² Gram over dS·dR of them.
+inline bool ghost_is_cheaper(int64_t n, int64_t T, int64_t dS, int64_t dR, int64_t G,
+                             int64_t workspace_bytes) {
   const double nT = static_cast<double>(n) * static_cast<double>(T);
-  const double ghost = 0.5 * nT * nT * static_cast<double>(dS + dR + 1);
+  const int64_t rb = tile_samples(workspace_bytes, G, T, n);
+  const double blocks = static_cast<double>((n + rb - 1) / rb);
+  const double tiled_fraction = (blocks + 1.0) / (2.0 * blocks);
+  const double ghost = tiled_fraction * nT * nT * static_cast<double>(dS + dR + G);
   const double expl = static_cast<double>(n) * static_cast<double>(T + n) *
                       static_cast<double>(dS) * static_cast<double>(dR);
   return ghost < expl;
@@ -235,7 +241,8 @@ inline void linear_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& A
   const at::Tensor S = to_float_contiguous(S3);  // (n, T, dS)
   const auto algo = static_cast<GramAlgorithm>(algorithm);
   const bool ghost = algo == GramAlgorithm::kGhost ||
-                     (algo == GramAlgorithm::kAuto && ghost_is_cheaper(n, T, dS, dR));
+                     (algo == GramAlgorithm::kAuto &&
+                      ghost_is_cheaper(n, T, dS, dR, G, workspace_bytes));
   if (ghost) {
     const at::Tensor Rg = G == 1 ? R.view({1, n * T, dR})
                                  : R.view({n * T, G, group_size}).permute({1, 0, 2}).contiguous();
