@@ -264,3 +264,22 @@ def test_wrong_device_raises():
     with pytest.raises(RuntimeError, match="A must be on K's device"):
         gram.linear_gram_(K, torch.randn(2, 3, 4), torch.randn(2, 3, 5, device="cuda"),
                           torch.tensor([0], device="cuda"))
+
+
+def test_torch_compile_fullgraph(device):
+    # The wrappers and fake kernels trace without graph breaks (validate=False: the CUDA id
+    # check would read values on the host).
+    def probe(K, A, B, gm, idx, G):
+        gram.linear_gram_(K, A, B, gm, group_size=2, bias=True, validate=False)
+        gram.embedding_gram_(K, idx, B, 0, padding_idx=1)
+        gram.sample_gram_(K, G, gm, group_size=2, validate=False)
+        return K
+
+    n = 3
+    args = (_rand(n, 4, 5, device=device), _rand(n, 4, 6, device=device),
+            torch.tensor([0, 1, -1], device=device), torch.randint(0, 3, (n, 4), device=device),
+            _rand(n, 6, device=device))
+    K, K_eager = torch.zeros(2, n, n, device=device), torch.zeros(2, n, n, device=device)
+    torch.compile(probe, fullgraph=True, backend="aot_eager")(K, *args)
+    probe(K_eager, *args)
+    assert rel_err(K, K_eager) <= TOL
