@@ -91,3 +91,74 @@ def masked_sgd_step_ref(params, grads, momentum_buffers, module_steps, module_ma
         p64 = p.double() - lr * d
         out_p.append(torch.where(active, p64.to(p.dtype), p))
     return out_p, out_b
+
+
+# ---- mntk: Gram ----
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """(n, d) -> (n, 1, d); (n, T, d) unchanged."""
+    return x.unsqueeze(1) if x.dim() == 2 else x
+
+
+def _scatter_group_grams(K: torch.Tensor, grams: torch.Tensor, group_module, scale: float) -> None:
+    """K[group_module[g]] += scale * grams[g] for every group with a module id >= 0."""
+    for g, m in enumerate(torch.as_tensor(group_module).tolist()):
+        if m >= 0:
+            K[m] += (scale * grams[g]).to(K.dtype).to(K.device)
+
+
+def linear_gram_(K, A, B, group_module, *, group_dim=0, group_size=None, weight=True, bias=False,
+                 scale=1.0, algorithm="auto"):
+    """Reference for mat_cuda.gram.linear_gram_: per-sample gradients g_i = B_iᵀ A_i built
+    explicitly (einsum, float64), split into row (group_dim=0) or column (group_dim=1) groups,
+    Gram of each group's flattened slice (plus its bias slice Σ_t B_it) added to K[module]."""
+    A64, B64 = _as_3d(A).double(), _as_3d(B).double()
+    n = A64.shape[0]
+    g = torch.einsum("nto,nti->noi", B64, A64)  # (n, d_out, d_in) per-sample weight grads
+    bsum = B64.sum(1)  # (n, d_out) per-sample bias grads
+    dim = g.shape[1 + group_dim]
+    gs = dim if group_size is None else group_size
+    num_groups = len(group_module)
+    grams = []
+    for k in range(num_groups):
+        parts = []
+        if weight:
+            sl = g[:, k * gs:(k + 1) * gs, :] if group_dim == 0 else g[:, :, k * gs:(k + 1) * gs]
+            parts.append(sl.reshape(n, -1))
+        if bias:
+            parts.append(bsum[:, k * gs:(k + 1) * gs])
+        flat = torch.cat(parts, 1) if parts else torch.zeros(n, 0, dtype=torch.float64)
+        grams.append(flat @ flat.T)
+    _scatter_group_grams(K, grams, group_module, scale)
+    return K
+
+
+def embedding_gram_(K, indices, B, module, *, padding_idx=None, scale=1.0):
+    """Reference for mat_cuda.gram.embedding_gram_: per-sample embedding weight gradients
+    (num_embeddings x d, scatter-added rows B_it at idx_it, padding positions skipped), Gram."""
+    idx = indices.long().cpu()
+    B64 = B.double().cpu()
+    n, T, d = B64.shape
+    num_embeddings = int(idx.max().item()) + 1 if idx.numel() else 1
+    if padding_idx is not None:
+        num_embeddings = max(num_embeddings, padding_idx + 1)
+    g = torch.zeros(n, num_embeddings, d, dtype=torch.float64)
+    for i in range(n):
+        keep = idx[i] != padding_idx if padding_idx is not None else torch.ones(T, dtype=torch.bool)
+        g[i].index_add_(0, idx[i][keep], B64[i][keep])
+    flat = g.reshape(n, -1)
+    if module >= 0:
+        K[module] += (scale * (flat @ flat.T)).to(K.dtype).to(K.device)
+    return K
+
+
+def sample_gram_(K, G, group_module, *, group_size=None, scale=1.0):
+    """Reference for mat_cuda.gram.sample_gram_: explicit per-sample gradients G (n, p), columns
+    in groups of group_size, K[group_module[g]] += scale * G_g G_gᵀ."""
+    G64 = G.double().cpu()
+    p = G64.shape[1]
+    gs = p if group_size is None else group_size
+    grams = [G64[:, k * gs:(k + 1) * gs] @ G64[:, k * gs:(k + 1) * gs].T
+             for k in range(len(group_module))]
+    _scatter_group_grams(K, grams, group_module, scale)
+    return K
