@@ -5,6 +5,7 @@ See README.md for the quick start and ../shared/DESIGN.md for the math and the d
 from ._ops import build_info
 from .discovery import AttentionSpec, Discovery, FFNSpec, discover, resolve_modules
 from .gram import embedding_gram_, linear_gram_, sample_gram_
+from .mntk import MNTKProbe
 from .modules import ModuleMap
 from .nn import Skipper
 from .optim import MaskedAdamW, MaskedSGD
@@ -16,7 +17,7 @@ __all__ = [
     "build_info", "__version__",
     # kernels and their wrappers
     "MaskedAdamW", "MaskedSGD", "ModuleMap",
-    "linear_gram_", "embedding_gram_", "sample_gram_",
+    "linear_gram_", "embedding_gram_", "sample_gram_", "MNTKProbe",
     # MAT building blocks
     "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
     "AttentionSpec", "Discovery", "FFNSpec", "discover", "resolve_modules", "Skipper",
