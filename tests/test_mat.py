@@ -353,3 +353,23 @@ def test_explicit_module_map_skips_whole_tensor_modules():
     mat.step()
     assert all(torch.equal(p, b) for p, b in zip(frozen_params, before))
     mat.close()
+
+
+def test_discovery_and_masked_optimizer_built_first():
+    # A MaskedAdamW on a discovery's map is used as it is, and the discovered heads/FFNs are
+    # converted for skipping.
+    model = make_model()
+    disc = mat_cuda.discover(model, ("head", "ffn"))
+    opt = mat_cuda.MaskedAdamW(model.parameters(), lr=1e-2, module_map=disc.module_map)
+    mat = MAT(model, opt, modules=disc, policy=freezing_policy(disc.module_map))
+    assert mat.optimizer is opt and len(mat.skipper.attentions) == 2
+    step(mat, model, make_batches(1)[0])
+    assert not opt.module_mask.all()
+    mat.close()
+    # A MaskedAdamW on another map (its default per-parameter map) is rebuilt on MAT's map.
+    opt2 = mat_cuda.MaskedAdamW(model.parameters(), lr=1e-2)
+    mat2 = MAT(model, opt2)
+    assert mat2.optimizer is not opt2 and mat2.optimizer.module_map is mat2.module_map
+    mat2.close()
+    with pytest.raises(ValueError, match="another model"):
+        MAT(make_model(), torch.optim.AdamW(model.parameters()), modules=disc)
