@@ -118,8 +118,11 @@ def test_all_active_policy_equals_adamw():
         opt_ref.step()
         opt_ref.zero_grad()
         assert mat.optimizer.module_mask.all()
+    # The converted attention and the fused kernel round differently from torch's path; Adam
+    # turns last-bit gradient differences into ~1e-6 moves (lr 1e-2: a step moves ~1e-2), while
+    # a wrong mask, bias correction or missed step would differ by ~1e-3.
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=5e-6, msg=name)
     assert len(mat.report()["step"]) == 3  # probes at 0, 2, 4
     mat.close()
 
