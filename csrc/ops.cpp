@@ -32,6 +32,11 @@ TORCH_LIBRARY(mat_cuda, m) {
         "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
 
   // ---- linalg: batched Lanczos (csrc/linalg/) ----
+  // K (M, n, n) symmetric, float32/float64; v0 (M, n) optional start vectors. Returns the top
+  // `topk` Ritz values (M, topk) descending, the top Ritz vector (M, n), the Lanczos steps
+  // taken (M,) int32 and the explicit residual ‖K y − λ y‖ (M,). Sync-free.
+  m.def("lanczos_lambda_max(Tensor K, int iters, float tol, Tensor? v0, int topk, int seed) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- mntk: per-module Gram accumulation (csrc/mntk/) ----
   // K (M, n, n) f32 += per-module Grams of a linear layer's per-sample gradients g_i = B_iᵀ A_i.

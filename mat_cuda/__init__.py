@@ -3,8 +3,10 @@
 See README.md for the quick start and ../shared/DESIGN.md for the math and the data flow.
 """
 from ._ops import build_info
+from . import linalg
 from .discovery import AttentionSpec, Discovery, FFNSpec, discover, resolve_modules
 from .gram import embedding_gram_, linear_gram_, sample_gram_
+from .linalg import lambda_max
 from .mntk import MNTKProbe
 from .modules import ModuleMap
 from .nn import Skipper
@@ -16,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "build_info", "__version__",
     # kernels and their wrappers
-    "MaskedAdamW", "MaskedSGD", "ModuleMap",
+    "MaskedAdamW", "MaskedSGD", "ModuleMap", "linalg", "lambda_max",
     "linear_gram_", "embedding_gram_", "sample_gram_", "MNTKProbe",
     # MAT building blocks
     "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
