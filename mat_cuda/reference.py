@@ -5,8 +5,9 @@ the math runs in float64 so that a test measures only the kernel's own rounding.
 """
 from __future__ import annotations
 
-import torch
 from typing import Optional
+
+import torch
 
 # ---- optim ----
 
