@@ -48,6 +48,8 @@ diagonal blocks of the global batch's K, not the global K (its cross-rank blocks
 factors exchanged). Wrap with ``find_unused_parameters=True``: frozen whole-tensor modules stop
 requiring grad.
 
+See docs/mat.md for the full semantics.
+
 Compute skipping: ``Skipper.from_discovery(discovery, mode=backward, strict=False)``. With
 ``modules="auto"`` attention heads and FFN blocks are skipped in the backward; with an explicit
 ModuleMap there are no discovered structures, so only whole-tensor modules are skipped (their
