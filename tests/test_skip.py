@@ -451,9 +451,12 @@ def test_convert_errors_and_restore():
     with pytest.raises(ValueError, match="head_modules"):
         convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1],
                           q=attn.q, k=attn.k, v=attn.v)
-    with pytest.raises(NotImplementedError, match="hf_gpt2"):
+    with pytest.raises(NotImplementedError, match="packed_linear"):
         convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1, 2, 3],
-                          style="hf_gpt2")
+                          style="packed_linear")
+    with pytest.raises(ValueError, match="hf_gpt2"):  # GPT-2 needs the packed c_attn
+        convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1, 2, 3],
+                          style="hf_gpt2", q=attn.q, k=attn.k, v=attn.v)
     params = [id(p) for p in model.parameters()]
     conv = convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1, 2, 3],
                              q=attn.q, k=attn.k, v=attn.v)
