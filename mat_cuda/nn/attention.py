@@ -2,7 +2,8 @@
 
 :func:`convert_attention` replaces the block's ``forward`` (an instance attribute; the block's
 parameters, submodules and state_dict are untouched, so an optimizer holding them is unaffected)
-with one that, while some heads are frozen:
+with one that, while some heads are frozen (styles ``mat_bert`` and ``torch_mha``; the HF styles
+keep HF's forward and replace the projections' ``forward`` instead, see the end):
 
 - computes the Q/K/V (or packed QKV) projection with the full weight in one GEMM (forward
   unchanged) through :func:`row_grouped_linear`, whose backward computes dW and db only for the
