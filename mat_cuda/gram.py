@@ -116,7 +116,7 @@ def embedding_gram_(K: torch.Tensor, indices: torch.Tensor, B: torch.Tensor, mod
     sync-free, tiled over sample blocks), "explicit" (each sample's gradient scattered into
     (U, d) rows over the batch's U distinct ids, then one GEMM for the Gram, cost
     ~nT·d + n²·U·d; finding U is one host synchronisation on CUDA) or "auto" (the cheaper by
-    that cost model, U counted only when the explicit form can win). workspace_bytes bounds the
+    that cost model; counting U is the same synchronisation). workspace_bytes bounds the
     temporaries of either form (the explicit one is chunked over d).
     """
     name = "embedding_gram_"

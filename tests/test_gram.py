@@ -170,6 +170,20 @@ def test_embedding_gram_algorithms_match_reference(device, algorithm, n, T, d, p
     assert rel_err(K, K64) <= TOL
 
 
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_embedding_gram_auto_short_sequences(device, padding_idx):
+    # All ids distinct at T = 2: U = n·T makes the explicit Gram (n²·U·d) dearer than the
+    # ghost one ((nT)²·d), so "auto" takes the ghost branch after counting U.
+    n, T, d = 8, 2, 4
+    idx = torch.randperm(n * T, device=device).view(n, T)
+    B = _rand(n, T, d, device=device)
+    K = _rand(1, n, n, device=device)
+    K64 = K.double().cpu()
+    gram.embedding_gram_(K, idx, B, 0, padding_idx=padding_idx, algorithm="auto")
+    ref.embedding_gram_(K64, idx.cpu(), B.cpu(), 0, padding_idx=padding_idx)
+    assert rel_err(K, K64) <= TOL
+
+
 @pytest.mark.parametrize("workspace_bytes", [4, 200, 1 << 20])
 def test_embedding_gram_explicit_chunked(device, workspace_bytes):
     # A workspace smaller than the per-sample gradients chunks the explicit form over d

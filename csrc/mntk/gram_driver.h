@@ -334,17 +334,13 @@ inline void embedding_gram(const GramKernels& k, at::Tensor& K, const at::Tensor
   const at::Tensor flat = indices.reshape({n * T});
   const at::Tensor gm = at::full({1}, module, indices.options());
   const auto algo = static_cast<GramAlgorithm>(algorithm);
-  const double ghost_cost = embedding_ghost_cost(n, T, d, workspace_bytes);
-  // The explicit form needs U, the batch's distinct id count (on CUDA a host synchronisation
-  // for the output size of unique): skip it when the ghost form wins even at U = 1.
-  bool ghost = algo == GramAlgorithm::kGhost ||
-               (algo == GramAlgorithm::kAuto &&
-                ghost_cost <= embedding_explicit_cost(n, T, d, 1));
-  if (!ghost) {
+  if (algo != GramAlgorithm::kGhost) {
+    // The explicit form and the choice need U, the batch's distinct id count: on CUDA a host
+    // synchronisation for unique's output size (the ghost form has none).
     const auto uniq = at::_unique(flat, /*sorted=*/false, /*return_inverse=*/true);
     const int64_t U = std::get<0>(uniq).size(0);
-    ghost = algo == GramAlgorithm::kAuto && ghost_cost < embedding_explicit_cost(n, T, d, U);
-    if (!ghost) {
+    if (algo == GramAlgorithm::kExplicit ||
+        embedding_explicit_cost(n, T, d, U) <= embedding_ghost_cost(n, T, d, workspace_bytes)) {
       // slot (n·T,) = i·U + rank of idx_it among the distinct ids
       const at::Tensor slot = (at::arange(n, flat.options()).mul_(U).unsqueeze(1) +
                                std::get<1>(uniq).reshape({n, T})).reshape({n * T});
