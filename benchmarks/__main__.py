@@ -21,6 +21,7 @@ KERNEL_BENCHES = {
     "optim": "benchmarks.bench_optim",
     "lanczos": "benchmarks.bench_lanczos",
     "gram": "benchmarks.bench_gram",
+    "gram_embedding": "benchmarks.bench_gram_embedding",
     "probe": "benchmarks.bench_probe",
     "skip": "benchmarks.bench_skip",
     "mat": "benchmarks.bench_mat",

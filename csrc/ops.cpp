@@ -48,9 +48,11 @@ TORCH_LIBRARY(mat_cuda, m) {
         "int group_size, bool weight, bool bias, float scale, int algorithm, int workspace_bytes, "
         "Tensor(b!)? workspace=None) -> ()");
   // K[module] += scale * Gram of an embedding's per-sample weight gradients; indices (n, T) int64,
-  // B (n, T, d).
+  // B (n, T, d); algorithm 0 auto, 1 ghost (index equality, sync-free), 2 explicit (per-sample
+  // gradients over the batch's distinct ids); auto and explicit count those ids: one host
+  // synchronisation on CUDA.
   m.def("embedding_gram_(Tensor(a!) K, Tensor indices, Tensor B, int module, int? padding_idx, "
-        "float scale, int workspace_bytes) -> ()");
+        "float scale, int algorithm, int workspace_bytes) -> ()");
   // K[group_module[g]] += scale * G_g G_gᵀ for explicit per-sample gradients G (n, p).
   m.def("sample_gram_(Tensor(a!) K, Tensor G, Tensor group_module, int group_size, float scale) -> ()");
 }

@@ -104,20 +104,30 @@ def linear_gram_(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, group_module
 
 
 def embedding_gram_(K: torch.Tensor, indices: torch.Tensor, B: torch.Tensor, module: int, *,
-                    padding_idx: int | None = None, scale: float = 1.0,
+                    padding_idx: int | None = None, scale: float = 1.0, algorithm: str = "auto",
                     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> torch.Tensor:
     """Accumulate the Gram of an embedding's per-sample weight gradients into K[module].
 
     indices: int64 (n, T); B: (n, T, d) gradients w.r.t. the embedding's outputs.
     ⟨g_i, g_j⟩ = Σ_{t,s} [idx_it == idx_js] ⟨B_it, B_js⟩, positions with idx == padding_idx
     excluded. K[module] += scale · that (module = -1: nothing). Returns K.
+
+    algorithm: "ghost" (the index-equality (nT × nT) matrix ∘ the B Gram, cost ~(nT)²·d,
+    sync-free, tiled over sample blocks), "explicit" (each sample's gradient scattered into
+    (U, d) rows over the batch's U distinct ids, then one GEMM for the Gram, cost
+    ~nT·d + n²·U·d; finding U is one host synchronisation on CUDA) or "auto" (the cheaper by
+    that cost model; counting U is the same synchronisation). workspace_bytes bounds the
+    temporaries of either form (the explicit one is chunked over d).
     """
     name = "embedding_gram_"
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"mat_cuda: {name}: algorithm must be one of {sorted(_ALGORITHMS)}, "
+                         f"got {algorithm!r}")
     for t, arg in ((K, "K"), (indices, "indices"), (B, "B")):
         _ops.check_device_supported(t, f"{name} {arg}")
     _ops.ops.embedding_gram_(K, indices, B, int(module),
                              None if padding_idx is None else int(padding_idx), float(scale),
-                             int(workspace_bytes))
+                             _ALGORITHMS[algorithm], int(workspace_bytes))
     return K
 
 
@@ -146,7 +156,7 @@ def _linear_gram_fake(K, A, B, group_module, group_dim, group_size, weight, bias
 
 
 @torch.library.register_fake("mat_cuda::embedding_gram_")
-def _embedding_gram_fake(K, indices, B, module, padding_idx, scale, workspace_bytes):
+def _embedding_gram_fake(K, indices, B, module, padding_idx, scale, algorithm, workspace_bytes):
     return None
 
 

@@ -282,7 +282,8 @@ class _ProbedLayer:
             if idx.dim() > 2:
                 idx = idx.reshape(n, -1)
             _gram.embedding_gram_(K, idx.contiguous(), B.contiguous(), self.calls[0],
-                                  padding_idx=self.layer.padding_idx, scale=scale)
+                                  padding_idx=self.layer.padding_idx, scale=scale,
+                                  algorithm=algorithm)
         else:
             gw, gb = self._norm_grads(x, grad_out)
             dev = K.device
@@ -368,7 +369,7 @@ class MNTKProbe:
         loss_reduction: ``"mean"`` or ``"sum"``: how the batch loss sums the per-sample terms
             (mode ``"loss"``; :meth:`begin` can override it per batch with ``loss_weights``).
         algorithm: ``"auto"``, ``"ghost"`` or ``"explicit"``, passed to
-            :func:`mat_cuda.gram.linear_gram_`.
+            :func:`mat_cuda.gram.linear_gram_` and :func:`mat_cuda.gram.embedding_gram_`.
         generator: optional ``torch.Generator`` for the projections of mode ``"output"``.
         probe_size: None (every sample) or p ≥ 1: K covers the first p samples of each batch.
 

@@ -156,6 +156,48 @@ def test_embedding_gram_matches_reference(device, padding_idx, T):
     assert rel_err(K, K64) <= TOL
 
 
+@pytest.mark.parametrize("algorithm", ["ghost", "explicit", "auto"])
+@pytest.mark.parametrize("n,T,d,padding_idx", [(5, 9, 7, None), (5, 9, 7, 1), (1, 6, 3, 0),
+                                               (4, 1, 5, None), (1, 1, 1, None)])
+def test_embedding_gram_algorithms_match_reference(device, algorithm, n, T, d, padding_idx):
+    # Few ids over many positions: repeats within and across samples.
+    idx = torch.randint(0, 5, (n, T), device=device)
+    B = _rand(n, T, d, device=device)
+    K = _rand(2, n, n, device=device)
+    K64 = K.double().cpu()
+    gram.embedding_gram_(K, idx, B, 0, padding_idx=padding_idx, scale=0.7, algorithm=algorithm)
+    ref.embedding_gram_(K64, idx.cpu(), B.cpu(), 0, padding_idx=padding_idx, scale=0.7)
+    assert rel_err(K, K64) <= TOL
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_embedding_gram_auto_short_sequences(device, padding_idx):
+    # All ids distinct at T = 2: U = n·T makes the explicit Gram (n²·U·d) dearer than the
+    # ghost one ((nT)²·d), so "auto" takes the ghost branch after counting U.
+    n, T, d = 8, 2, 4
+    idx = torch.randperm(n * T, device=device).view(n, T)
+    B = _rand(n, T, d, device=device)
+    K = _rand(1, n, n, device=device)
+    K64 = K.double().cpu()
+    gram.embedding_gram_(K, idx, B, 0, padding_idx=padding_idx, algorithm="auto")
+    ref.embedding_gram_(K64, idx.cpu(), B.cpu(), 0, padding_idx=padding_idx)
+    assert rel_err(K, K64) <= TOL
+
+
+@pytest.mark.parametrize("workspace_bytes", [4, 200, 1 << 20])
+def test_embedding_gram_explicit_chunked(device, workspace_bytes):
+    # A workspace smaller than the per-sample gradients chunks the explicit form over d
+    # (4 bytes: one column per chunk); bfloat16 B exercises the float32 conversion.
+    n, T, d = 6, 8, 9
+    idx = torch.randint(0, 40, (n, T), device=device)
+    B = _rand(n, T, d, device=device).to(torch.bfloat16)
+    K = torch.zeros(1, n, n, device=device)
+    gram.embedding_gram_(K, idx, B, 0, algorithm="explicit", workspace_bytes=workspace_bytes)
+    K64 = torch.zeros(1, n, n, dtype=torch.float64)
+    ref.embedding_gram_(K64, idx.cpu(), B.float().cpu(), 0)
+    assert rel_err(K, K64) <= TOL
+
+
 def test_embedding_gram_tiled_and_skipped(device):
     n, T, d = 7, 4, 5
     idx = torch.randint(0, 6, (n, T), device=device)
@@ -193,7 +235,9 @@ def test_opcheck(device):
                               (K, A, B, gm, 0, 2, True, True, 0.5, algorithm, 1 << 20,
                                torch.empty(1000, device=device)))
     idx = torch.randint(0, 3, (n, 4), device=device)
-    torch.library.opcheck(torch.ops.mat_cuda.embedding_gram_, (K, idx, B, 1, 0, 1.0, 1 << 20))
+    for algorithm in (0, 1, 2):
+        torch.library.opcheck(torch.ops.mat_cuda.embedding_gram_,
+                              (K, idx, B, 1, 0, 1.0, algorithm, 1 << 20))
     torch.library.opcheck(torch.ops.mat_cuda.sample_gram_,
                           (K, _rand(n, 6, device=device), gm, 2, 1.0))
 
@@ -248,6 +292,10 @@ def test_embedding_and_sample_gram_bad_inputs(device):
         gram.embedding_gram_(K, idx.int(), B, 0)
     with pytest.raises(RuntimeError, match="matching indices"):
         gram.embedding_gram_(K, idx[:, :3], B, 0)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        gram.embedding_gram_(K, idx, B, 0, algorithm="dense")
+    with pytest.raises(RuntimeError, match="algorithm must be 0"):
+        torch.ops.mat_cuda.embedding_gram_(K, idx, B, 0, None, 1.0, 3, 1 << 20)
     with pytest.raises(RuntimeError, match="must divide"):
         gram.sample_gram_(K, _rand(n, 7, device=device), torch.tensor([0, 1], device=device),
                           group_size=2)

@@ -256,9 +256,60 @@ inline void linear_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& A
   }
 }
 
+// Embedding cost model (multiply-adds). Ghost: the index-equality and B Grams over the n·T
+// positions (upper-triangle tiles) plus the Hadamard reduction, ~(n·T)²·(d + 3). Explicit: the
+// scatter of n·T rows of d into per-sample gradients over the U distinct ids of the batch, then
+// their n x n Gram over U·d columns, ~n·T·d + n²·U·d.
+inline double embedding_ghost_cost(int64_t n, int64_t T, int64_t d, int64_t workspace_bytes) {
+  const double nT = static_cast<double>(n) * static_cast<double>(T);
+  const int64_t rb = tile_samples(workspace_bytes, 1, T, n);
+  const double blocks = static_cast<double>((n + rb - 1) / rb);
+  return (blocks + 1.0) / (2.0 * blocks) * nT * nT * static_cast<double>(d + 3);
+}
+
+inline double embedding_explicit_cost(int64_t n, int64_t T, int64_t d, int64_t U) {
+  return static_cast<double>(n) * static_cast<double>(d) *
+         (static_cast<double>(T) + static_cast<double>(n) * static_cast<double>(U));
+}
+
+// Largest chunk of the explicit embedding form's per-sample gradients. Larger chunks buy
+// nothing (the Gram GEMM is already long in its reduction dimension) and cost: on CPU a fresh
+// buffer above glibc's mmap threshold (at most 32 MiB) is page-faulted on every call (measured:
+// 59 MB zeroed fresh 189 ms vs 30 MB 7 ms), and a chunk that stays in cache is zeroed,
+// scattered into and read by the GEMM without going to memory three times.
+constexpr int64_t kEmbeddingChunkBytes = 8 << 20;
+
+// Explicit embedding form: sample i's gradient is nonzero only on the rows of ids it uses, so
+// it is scattered into a compact (U, d) block over the batch's U distinct ids (slot (n·T,) =
+// i·U + the position's id rank), and the n x n Gram is one GEMM over U·d columns. Chunked over
+// d so the per-sample gradients (n·U·cw floats) stay within the workspace and
+// kEmbeddingChunkBytes. Bf (n·T, d) float.
+inline void embedding_explicit_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& slot,
+                                    int64_t U, const at::Tensor& Bf, const at::Tensor& gm,
+                                    int64_t n, double scale, int64_t workspace_bytes) {
+  const int64_t d = Bf.size(1);
+  const int64_t per_col = static_cast<int64_t>(sizeof(float)) * n * U;
+  const int64_t chunk_bytes = std::min(workspace_bytes, kEmbeddingChunkBytes);
+  const int64_t max_cs = std::min(std::max<int64_t>(chunk_bytes / per_col, 1), d);
+  const int64_t num_chunks = (d + max_cs - 1) / max_cs;
+  const int64_t cs = (d + num_chunks - 1) / num_chunks;  // equal chunks
+  const at::Tensor scratch = at::empty({n * U * cs}, Bf.options());
+  at::Tensor acc = at::zeros({1, n, n}, Bf.options());
+  at::Tensor acc0 = acc.select(0, 0);
+  for (int64_t c0 = 0; c0 < d; c0 += cs) {
+    const int64_t cw = std::min(cs, d - c0);
+    at::Tensor g = scratch.narrow(0, 0, n * U * cw).view({n * U, cw});
+    g.zero_();
+    g.index_add_(0, slot, Bf.narrow(1, c0, cw));  // per-sample gradients, columns c0..c0+cw
+    const at::Tensor gf = g.view({n, U * cw});
+    acc0.addmm_(gf, gf.t());
+  }
+  k.scatter_tile(K, acc, gm, 0, 0, false, scale);
+}
+
 inline void embedding_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& indices,
                            const at::Tensor& B, int64_t module, std::optional<int64_t> padding_idx,
-                           double scale, int64_t workspace_bytes) {
+                           double scale, int64_t algorithm, int64_t workspace_bytes) {
   CHECK_DIM(indices, 2);
   CHECK_DTYPE(indices, at::kLong);
   CHECK_DIM(B, 3);
@@ -270,6 +321,8 @@ inline void embedding_gram(const GramKernels& k, at::Tensor& K, const at::Tensor
   check_same_device(B, K, "B");
   MAT_CHECK(module >= -1 && module < K.size(0), "module must be in [-1, ", K.size(0) - 1,
             "] (K has M = ", K.size(0), " modules), got ", module);
+  MAT_CHECK(algorithm >= 0 && algorithm <= 2, "algorithm must be 0 (auto), 1 (ghost) or 2 "
+            "(explicit), got ", algorithm);
   MAT_CHECK(workspace_bytes > 0, "workspace_bytes must be positive, got ", workspace_bytes);
   const int64_t n = B.size(0), T = B.size(1), d = B.size(2);
   if (module < 0 || n == 0 || T == 0 || d == 0) return;
@@ -278,9 +331,24 @@ inline void embedding_gram(const GramKernels& k, at::Tensor& K, const at::Tensor
     // Padding positions get no gradient: zeroing their rows removes them from every sum.
     Bf = Bf * indices.ne(*padding_idx).unsqueeze(2).to(at::kFloat);
   }
+  const at::Tensor flat = indices.reshape({n * T});
   const at::Tensor gm = at::full({1}, module, indices.options());
-  ghost_tiles(k, K, at::Tensor(), indices.reshape({n * T}), Bf.view({1, n * T, d}), gm, n, T,
-              scale, workspace_bytes);
+  const auto algo = static_cast<GramAlgorithm>(algorithm);
+  if (algo != GramAlgorithm::kGhost) {
+    // The explicit form and the choice need U, the batch's distinct id count: on CUDA a host
+    // synchronisation for unique's output size (the ghost form has none).
+    const auto uniq = at::_unique(flat, /*sorted=*/false, /*return_inverse=*/true);
+    const int64_t U = std::get<0>(uniq).size(0);
+    if (algo == GramAlgorithm::kExplicit ||
+        embedding_explicit_cost(n, T, d, U) <= embedding_ghost_cost(n, T, d, workspace_bytes)) {
+      // slot (n·T,) = i·U + rank of idx_it among the distinct ids
+      const at::Tensor slot = (at::arange(n, flat.options()).mul_(U).unsqueeze(1) +
+                               std::get<1>(uniq).reshape({n, T})).reshape({n * T});
+      embedding_explicit_gram(k, K, slot, U, Bf.view({n * T, d}), gm, n, scale, workspace_bytes);
+      return;
+    }
+  }
+  ghost_tiles(k, K, at::Tensor(), flat, Bf.view({1, n * T, d}), gm, n, T, scale, workspace_bytes);
 }
 
 inline void sample_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& G,
