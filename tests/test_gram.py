@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mat_cuda import gram, reference as ref
-from tests.helpers import rel_err
+from helpers import rel_err
 
 TOL = 1e-5  # fp32 accumulation vs the float64 reference, on the same (possibly rounded) inputs
 ALGORITHMS = ["ghost", "explicit", "auto"]
