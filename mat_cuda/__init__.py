@@ -7,6 +7,7 @@ from . import linalg
 from .discovery import AttentionSpec, Discovery, FFNSpec, discover, resolve_modules
 from .gram import embedding_gram_, linear_gram_, sample_gram_
 from .linalg import lambda_max
+from .mat import MAT
 from .mntk import MNTKProbe
 from .modules import ModuleMap
 from .nn import Skipper
@@ -23,4 +24,6 @@ __all__ = [
     # MAT building blocks
     "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
     "AttentionSpec", "Discovery", "FFNSpec", "discover", "resolve_modules", "Skipper",
+    # the controller
+    "MAT",
 ]

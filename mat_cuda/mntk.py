@@ -49,6 +49,11 @@ scale_grad_by_freq rejected since it mixes samples) and the elementwise affine p
 ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and eval-mode ``nn.BatchNorm*d`` (through
 their explicit per-sample gradients).
 
+``probe_size=p`` keeps only the first p samples of each batch: the hooks slice every layer's
+input and output gradient to its first p rows, so K is (M, p, p) and the Gram cost falls with p²
+(the backward itself is unchanged). The loss weights keep referring to the whole batch (w_i = 1/n
+for ``"mean"`` with n the full batch). A batch with fewer than p samples raises in the forward.
+
 Per-sample independence is assumed. A BatchNorm that normalises with batch statistics (training
 mode, or track_running_stats=False) anywhere in the model mixes samples: :meth:`begin` and
 :meth:`measure` raise. A hooked layer called twice in one forward (weight sharing, activation
@@ -235,6 +240,7 @@ class _ProbedLayer:
     def reset(self) -> None:
         self.input = None          # detached layer input (indices for Embedding)
         self.input_version = None
+        self.batch_size = 0        # samples of the layer input before probe_size slicing
         self.edge = None           # output-mode: gradient edge of the layer output
         self.calls_seen = 0        # forward calls during the current probe
 
@@ -253,6 +259,8 @@ class _ProbedLayer:
         row_scale: optional (n,) or 0-d factor applied to sample i's gradient (loss weights)."""
         x = self._check_input_unchanged()
         n = K.shape[1]
+        if grad_out.dim() and grad_out.shape[0] == self.batch_size and x.shape[0] < self.batch_size:
+            grad_out = grad_out[: x.shape[0]]   # probe_size: the first samples only
         if x.dim() == 0 or x.shape[0] != n or grad_out.shape[0] != n:
             raise RuntimeError(f"MNTKProbe: layer '{self.path}' saw input {tuple(x.shape)} and "
                                f"output gradient {tuple(grad_out.shape)}, expected the sample "
@@ -362,6 +370,7 @@ class MNTKProbe:
         algorithm: ``"auto"``, ``"ghost"`` or ``"explicit"``, passed to
             :func:`mat_cuda.gram.linear_gram_`.
         generator: optional ``torch.Generator`` for the projections of mode ``"output"``.
+        probe_size: None (every sample) or p ≥ 1: K covers the first p samples of each batch.
 
     The hooks are installed at construction and removed by :meth:`close` (or leaving a
     ``with`` block). They record only while a probe is in flight (between :meth:`begin` and
@@ -371,7 +380,7 @@ class MNTKProbe:
 
     def __init__(self, model: nn.Module, module_map: ModuleMap, mode: str = "loss", *,
                  projections: int = 1, loss_reduction: str = "mean", algorithm: str = "auto",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, probe_size: int | None = None):
         if mode not in MODES:
             raise ValueError(f"MNTKProbe: mode must be one of {MODES}, got {mode!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -382,12 +391,16 @@ class MNTKProbe:
         if algorithm not in ("auto", "ghost", "explicit"):
             raise ValueError(f"MNTKProbe: algorithm must be 'auto', 'ghost' or 'explicit', "
                              f"got {algorithm!r}")
+        if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int)
+                                       or probe_size < 1):
+            raise ValueError(f"MNTKProbe: probe_size must be None or an int >= 1, got {probe_size!r}")
         if not isinstance(module_map, ModuleMap):
             raise TypeError(f"MNTKProbe: module_map must be a ModuleMap, got "
                             f"{type(module_map).__name__}")
         self.model, self.module_map, self.mode = model, module_map, mode
         self.projections, self.loss_reduction = projections, loss_reduction
         self.algorithm, self.generator = algorithm, generator
+        self.probe_size = probe_size
         module_map.validate(params=list(model.parameters()))
         self._layers = self._find_layers()
         self._batchnorms = [(p, m) for p, m in model.named_modules() if _is_batchnorm(m)]
@@ -400,6 +413,8 @@ class MNTKProbe:
         self._K = None
         self._loss_scale = None    # K scale from a float loss_weights (None: from reduction)
         self._row_scale = None     # (n,) 1/w_i from a tensor loss_weights
+        self._divisor = None       # 0-d 1/loss_scale (K is multiplied by its square in gram())
+        self._user_out = None      # begin(out=...) when a loss_scale defers the accumulation
 
     # ---- construction ----
     def _find_layers(self) -> list[_ProbedLayer]:
@@ -445,6 +460,14 @@ class MNTKProbe:
                                    "one probe forward (weight sharing or activation "
                                    "checkpointing); per-sample Grams need one call per forward")
             x = (args[0] if args else kwargs["input"]).detach()
+            pl.batch_size = x.shape[0] if x.dim() else 0
+            p = self.probe_size
+            if p is not None:
+                if pl.batch_size < p:
+                    raise ValueError(f"MNTKProbe: probe_size={p}, but layer '{pl.path}' got a "
+                                     f"batch of {pl.batch_size} samples (input "
+                                     f"{tuple(x.shape)}); probe_size must not exceed the batch")
+                x = x[:p]   # a view: shares the version counter checked at the backward
             pl.input, pl.input_version = x, x._version
             if self._active == "loss":
                 output.register_hook(self._make_grad_hook(pl, self._generation))
@@ -460,20 +483,24 @@ class MNTKProbe:
             if pl.input is None:
                 raise RuntimeError(f"MNTKProbe: a second backward reached layer '{pl.path}' in "
                                    "one probe; call gram() after each backward")
-            n = pl.input.shape[0] if pl.input.dim() else 0
-            scale, row_scale = self._loss_scales(n)
-            pl.accumulate(self._ensure_K(n, grad.device), grad, scale, row_scale, self.algorithm)
+            scale, row_scale = self._loss_scales(pl.batch_size)
+            p = pl.input.shape[0] if pl.input.dim() else 0
+            pl.accumulate(self._ensure_K(p, grad.device), grad, scale, row_scale, self.algorithm)
             pl.input = None
             return None
         return hook
 
     def _loss_scales(self, n: int) -> tuple[float, torch.Tensor | None]:
-        """(scale of K, per-sample factor of the output gradients) undoing the weights w_i."""
+        """(scale of K, per-sample factor of the output gradients) undoing the weights w_i;
+        n: the whole batch (before probe_size slicing)."""
         if self._row_scale is not None:
             if self._row_scale.dim() == 1 and self._row_scale.shape[0] != n:
                 raise RuntimeError(f"MNTKProbe: loss_weights has {self._row_scale.shape[0]} "
                                    f"entries but the batch has n={n} samples")
-            return 1.0, self._row_scale
+            row = self._row_scale
+            if row.dim() == 1 and self.probe_size is not None:
+                row = row[: self.probe_size]
+            return 1.0, row
         if self._loss_scale is not None:
             return self._loss_scale, None
         # The backward of a mean delivered (1/n)·∇ℓ_i: row i times n, so K times n².
@@ -500,7 +527,8 @@ class MNTKProbe:
 
     # ---- loss mode ----
     def begin(self, out: torch.Tensor | None = None,
-              loss_weights: float | torch.Tensor | None = None) -> None:
+              loss_weights: float | torch.Tensor | None = None,
+              loss_scale: float | torch.Tensor | None = None) -> None:
         """Arm the probe for the next forward and backward (mode ``"loss"``).
 
         out: optional float32 (M, n, n) tensor that :meth:`gram` adds this batch's Grams into
@@ -508,6 +536,10 @@ class MNTKProbe:
         loss_weights: w_i in L = Σ_i w_i ℓ_i: a float or 0-d tensor (every sample) or a (n,)
             tensor, tensors on the model's device (read there, no host synchronisation);
             default from ``loss_reduction`` (1/n for "mean", 1 for "sum").
+        loss_scale: a factor S the loss was multiplied by on top of the weights (a GradScaler's
+            scale: pass its device tensor, no host read), a positive float or 0-d float tensor.
+            The gradients are divided by it: K is multiplied by 1/S² in :meth:`gram`, in float32
+            (dividing float16 gradients by S first could underflow).
         """
         if self.mode != "loss":
             raise RuntimeError(f"MNTKProbe: begin()/gram() are for mode 'loss'; this probe is "
@@ -516,7 +548,7 @@ class MNTKProbe:
         self._check_sample_independence()
         if out is not None:
             _check_out(out, self.module_map.num_modules)
-        row_scale, loss_scale = None, None
+        row_scale, weight_scale = None, None
         if isinstance(loss_weights, torch.Tensor):
             if loss_weights.dim() > 1 or not loss_weights.is_floating_point():
                 raise ValueError(f"MNTKProbe: loss_weights must be a float or a floating 0-d or "
@@ -526,9 +558,21 @@ class MNTKProbe:
         elif loss_weights is not None:
             if not float(loss_weights) > 0:
                 raise ValueError(f"MNTKProbe: loss_weights must be positive, got {loss_weights}")
-            loss_scale = 1.0 / float(loss_weights) ** 2
-        self._start("loss", out)
-        self._row_scale, self._loss_scale = row_scale, loss_scale
+            weight_scale = 1.0 / float(loss_weights) ** 2
+        divisor = None
+        if isinstance(loss_scale, torch.Tensor):
+            if loss_scale.numel() != 1 or not loss_scale.is_floating_point():
+                raise ValueError(f"MNTKProbe: loss_scale must be a float or a floating one-element "
+                                 f"tensor, got {loss_scale.dtype} {tuple(loss_scale.shape)}")
+            divisor = 1.0 / loss_scale.detach().reshape(()).to(torch.float32)
+        elif loss_scale is not None:
+            if not float(loss_scale) > 0:
+                raise ValueError(f"MNTKProbe: loss_scale must be positive, got {loss_scale}")
+            divisor = torch.tensor(1.0 / float(loss_scale), dtype=torch.float32)
+        # With a loss_scale the Grams go to a fresh K that gram() rescales and adds into `out`.
+        self._start("loss", out if divisor is None else None)
+        self._row_scale, self._loss_scale = row_scale, weight_scale
+        self._divisor, self._user_out = divisor, (out if divisor is not None else None)
 
     def cancel(self) -> None:
         """Drop a probe in flight (e.g. a training step that failed between begin() and gram())."""
@@ -542,11 +586,15 @@ class MNTKProbe:
         """
         if self._active != "loss":
             raise RuntimeError("MNTKProbe: gram() without a matching begin()")
-        K = self._K
+        K, divisor, out = self._K, self._divisor, self._user_out
         self._finish()
         if K is None:
             raise RuntimeError("MNTKProbe: no gradient reached a probed layer since begin(); "
                                "run the forward and backward between begin() and gram()")
+        if divisor is not None:
+            K.mul_(divisor.to(K.device).square())
+            if out is not None:
+                K = out.add_(K)
         return K
 
     # ---- output modes ----
@@ -596,7 +644,6 @@ class MNTKProbe:
         return K
 
     def _backward_projections(self, output: torch.Tensor, vectors) -> None:
-        n = output.shape[0]
         if self.mode == "logit_sum":
             vs, scale = [torch.ones((), dtype=output.dtype, device=output.device)], 1.0
         else:
@@ -611,7 +658,8 @@ class MNTKProbe:
                                         retain_graph=r < len(vs) - 1, allow_unused=True)
             for pl, g in zip(live, grads):
                 if g is not None:
-                    pl.accumulate(self._ensure_K(n, g.device), g, scale, None, self.algorithm)
+                    p = pl.input.shape[0] if pl.input.dim() else 0
+                    pl.accumulate(self._ensure_K(p, g.device), g, scale, None, self.algorithm)
 
     def _projections(self, output: torch.Tensor, vectors) -> list[torch.Tensor]:
         shape = tuple(output.shape[1:])
@@ -641,6 +689,7 @@ class MNTKProbe:
             pl.reset()
         self._generation += 1
         self._K, self._row_scale, self._active = None, None, None
+        self._divisor, self._user_out = None, None
 
     def _check_open(self) -> None:
         if self._handles is None:

@@ -106,8 +106,9 @@ class ModuleMap:
         """One module (kind "param") per parameter tensor: the default of the masked optimizers.
 
         ``model_or_params``: an ``nn.Module`` (modules named by parameter name), an iterable of
-        tensors, or an iterable of optimizer param-group dicts (named ``param<i>``). Tensors that
-        appear twice (tied weights) get one module.
+        tensors, or an iterable of optimizer param-group dicts (named by their ``param_names``
+        when the optimizer was given named parameters, else ``param<i>``). Tensors that appear
+        twice (tied weights) get one module.
         """
         mm = cls()
         for name, p in _named_params(model_or_params):
@@ -291,6 +292,8 @@ def _named_params(model_or_params):
         tensors = item["params"] if isinstance(item, dict) else [item]
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
-        for p in tensors:
-            yield f"param{i}", p
+        # optimizers built from named_parameters() keep the names in "param_names"
+        names = item.get("param_names") if isinstance(item, dict) else None
+        for j, p in enumerate(tensors):
+            yield (names[j] if names else f"param{i}"), p
             i += 1

@@ -14,14 +14,25 @@ length ``num_modules`` on the parameters' device; each ``step()``:
   parameter has a gradient at every step);
 - never synchronises with the host: the mask, the step counts, ``grad_scale`` and ``found_inf``
   are device tensors read inside the kernels (one fused multi-tensor launch per parameter group
-  and dtype on CUDA, ``at::parallel_for`` with ``at::vec`` on CPU).
+  and dtype on CUDA; on CPU one ``at::parallel_for`` with AVX vectors where the CPU has them,
+  else ``at::vec``).
 
 Parameters may be float32, bfloat16 or float16; optimizer state is float32 and the math runs in
 float32. Parameters whose ``.grad`` is None are skipped, as in torch; a module's step count
 advances at every step where it is active (MAT freezes a module by masking it, not by dropping
-its gradient). ``torch.amp.GradScaler``
-works (``_step_supports_amp_scaling``): gradients are unscaled inside the kernel, and a step with
-inf/nan gradients changes nothing.
+its gradient). ``torch.amp.GradScaler`` works (``_step_supports_amp_scaling``): gradients are
+unscaled inside the kernel, and a step with inf/nan gradients changes nothing.
+
+Example::
+
+    mm = ModuleMap()
+    heads = [mm.add_module(f"head{h}", "head") for h in range(n_heads)]
+    mm.assign_row_groups(attn.in_proj_weight, head_dim, heads * 3)   # Q, K, V blocks
+    mm.assign_col_groups(attn.out_proj.weight, head_dim, heads)
+    opt = MaskedAdamW(model.parameters(), lr=1e-3, module_map=mm)    # the rest: unmanaged
+    ...
+    opt.set_module_mask(mask)   # (len(heads),) bool on the parameters' device
+    opt.step()
 """
 from __future__ import annotations
 
@@ -117,13 +128,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = self._amp_tensor(getattr(self, "grad_scale", None))
         found_inf = self._amp_tensor(getattr(self, "found_inf", None))
-        # Every check runs before anything is written, so a rejected step changes nothing.
-        work = [self._prepare_group(group) for group in self.param_groups]
-        for group, (params, grads) in zip(self.param_groups, work):
-            if not params:
-                continue
+        # Every check (the module map's fit included) runs before anything is written, so a
+        # rejected step changes nothing.
+        work = []
+        for group in self.param_groups:
+            params, grads = self._prepare_group(group)
+            if params:
+                work.append((group, params, grads,
+                             *self.module_map.kernel_tables(params, self._device)))
+        for group, params, grads, layout_table, group_table in work:
             self._init_state(group, params)
-            layout_table, group_table = self.module_map.kernel_tables(params, self._device)
             self._group_step(group, params, grads, layout_table, group_table, grad_scale, found_inf)
         ops.masked_module_steps_(self._module_steps, self._module_mask, found_inf)
         return loss
@@ -191,33 +205,38 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _prepare_group(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The group's parameters that have a gradient, and their (contiguous) gradients.
         Raises on anything the kernels do not support, before any tensor is written."""
-        name = type(self).__name__
         self._check_hyperparameters(group)
         params, grads = [], []
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
             g = p.grad
-            where = f"{name}: parameter {i} of its group (shape {tuple(p.shape)})"
-            if p.device != self._device:
-                raise ValueError(f"{where} is on {p.device}, but the optimizer's parameters are on "
-                                 f"{self._device}; all parameters must be on one device")
-            if p.is_complex() or g.is_complex():
-                raise ValueError(f"{where}: complex parameters and gradients are not supported")
-            if g.is_sparse or g.layout != torch.strided:
-                raise ValueError(f"{where}: sparse gradients ({g.layout}) are not supported")
-            if p.dtype not in _SUPPORTED_DTYPES:
-                raise ValueError(f"{where}: dtype {p.dtype} is not supported "
-                                 "(float32, bfloat16 or float16)")
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                raise ValueError(f"{where}: gradient has dtype {g.dtype}, shape {tuple(g.shape)} on "
-                                 f"{g.device}; expected the parameter's {p.dtype}, "
-                                 f"{tuple(p.shape)} on {p.device}")
-            if not p.is_contiguous():
-                raise ValueError(f"{where}: the parameter must be contiguous")
+            if g is None:
+                continue
+            # One combined test on the hot path; the detailed checks only name what failed.
+            if not (p.dtype in _SUPPORTED_DTYPES and g.dtype == p.dtype and g.layout == torch.strided
+                    and p.device == self._device and g.device == p.device and g.shape == p.shape
+                    and p.is_contiguous()):
+                self._explain_bad_parameter(i, p, g)
             params.append(p)
             grads.append(g.contiguous())
         return params, grads
+
+    def _explain_bad_parameter(self, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        where = f"{type(self).__name__}: parameter {i} of its group (shape {tuple(p.shape)})"
+        if p.device != self._device:
+            raise ValueError(f"{where} is on {p.device}, but the optimizer's parameters are on "
+                             f"{self._device}; all parameters must be on one device")
+        if p.is_complex() or g.is_complex():
+            raise ValueError(f"{where}: complex parameters and gradients are not supported")
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError(f"{where}: sparse gradients ({g.layout}) are not supported")
+        if p.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{where}: dtype {p.dtype} is not supported "
+                             "(float32, bfloat16 or float16)")
+        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            raise ValueError(f"{where}: gradient has dtype {g.dtype}, shape {tuple(g.shape)} on "
+                             f"{g.device}; expected the parameter's {p.dtype}, "
+                             f"{tuple(p.shape)} on {p.device}")
+        raise ValueError(f"{where}: the parameter must be contiguous")
 
     def _amp_tensor(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:

@@ -110,3 +110,10 @@ def test_zero_size_and_tied_parameters():
     lin = torch.nn.Linear(2, 2)
     mm2 = ModuleMap.per_parameter([lin.weight, lin.weight, {"params": [lin.bias]}])
     assert mm2.num_modules == 2 and mm2.names == ["param0", "param2"]
+
+
+def test_per_parameter_from_named_optimizer_groups():
+    from mat_cuda import MaskedAdamW
+    model = torch.nn.Linear(3, 2)
+    opt = MaskedAdamW(model.named_parameters(), lr=0.1)
+    assert opt.module_map.names == ["weight", "bias"]

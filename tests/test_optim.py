@@ -349,11 +349,15 @@ def test_module_map_that_does_not_fit(device):
         params[0].data = torch.randn(5, 4, device=device)
     mm3 = ModuleMap()
     mm3.assign_row_groups(params[1], 2, [mm3.add_module("a"), mm3.add_module("b")])
-    opt = MaskedAdamW(params, module_map=mm3)
+    # two groups: the bad second group must stop the step before the first one is written
+    opt = MaskedAdamW([{"params": [params[0]]}, {"params": [params[1]]}], module_map=mm3)
     params[1].data = torch.randn(5, device=device)
     params[1].grad = torch.ones(5, device=device)
+    params[0].grad = torch.ones_like(params[0])
+    before = params[0].detach().clone()
     with pytest.raises(ValueError, match="does not divide"):
         opt.step()
+    assert torch.equal(params[0], before) and not opt.module_steps.any()
 
 
 def test_sparse_and_complex_gradients_rejected_untouched(device):

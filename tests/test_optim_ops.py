@@ -195,3 +195,44 @@ def test_many_large_tensors_mixed_dtypes(device):
         assert_close_rel(a, r, msg=f"param {i}")
     for out, r in ((m, rm), (v, rv)):
         assert_close_rel(torch.cat([t.flatten() for t in out]), torch.cat([t.flatten() for t in r]))
+
+
+def test_cpu_path_without_avx_matches_reference():
+    # The fp32 CPU loops use AVX when the CPU has it; this runs the at::vec fallback (what CPUs
+    # without AVX execute) in a fresh process and checks it against the same reference.
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import test_optim_ops as t\n"
+        "for dtype in (torch.float32,):\n"
+        "    t.test_masked_adamw_step_matches_reference('cpu', dtype, True, True)\n"
+        "    t.test_masked_sgd_step_matches_reference('cpu', dtype, 0.9, 0.1, False, 0.01)\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MAT_CUDA_DISABLE_AVX="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_torch_compile_fullgraph_traces_the_ops(device):
+    # The fake kernels let Dynamo/AOTAutograd trace a step with no graph break.
+    params, grads, steps, mask, layout, groups = _problem(device, torch.float32)
+    m = [torch.zeros(p.shape, device=device) for p in params]
+    v = [torch.zeros(p.shape, device=device) for p in params]
+    rp, _, _ = ref.masked_adamw_step_ref(params, grads, m, v, steps, mask, layout, groups,
+                                         0.1, 0.9, 0.99, 0.01, 1e-8)
+    expected_steps = ref.masked_module_steps_ref(steps, mask)
+
+    def step(params, grads, m, v, steps, mask):
+        ops.masked_adamw_step_(params, grads, m, v, steps, mask, layout, groups, 0.1, 0.9, 0.99,
+                               0.01, 1e-8, False, None, None)
+        ops.masked_module_steps_(steps, mask, None)
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")(params, grads, m, v, steps, mask)
+    assert_close_rel(torch.cat([p.flatten() for p in params]), torch.cat([p.flatten() for p in rp]))
+    assert torch.equal(steps, expected_steps)

@@ -1,11 +1,19 @@
-// The fp32 hot loops of the CPU masked steps on 8-wide AVX vectors. This translation unit is
-// compiled for AVX (the pragma below) and entered only after a runtime check (cpu_has_avx), so
-// the package still runs on CPUs without it. Torch's own vectors (at::vec) fall back to their
-// generic 8-lane arrays on CPUs without AVX2, which gcc does not turn into AVX code.
-// FMA stays off: every lane then rounds exactly like the scalar code of masked_step.h.
-// Nothing from torch is included here, so no inline function is compiled twice with different
-// targets; only the Avx8 instantiations of the shared templates live in this file.
+// The fp32 hot loops of the CPU masked steps on 8-wide AVX vectors. On x86 this translation
+// unit is compiled for AVX (the pragmas below) and entered only after a runtime check
+// (cpu_has_avx), so the package still runs on CPUs without it; elsewhere it compiles to stubs.
+// Torch's own vectors (at::vec) fall back to generic 8-lane arrays on CPUs without AVX2, which
+// gcc does not turn into AVX code. FMA stays off: every lane then rounds exactly like the scalar
+// code of masked_step.h. Nothing from torch is included here, so no inline function is compiled
+// twice with different targets; only the Avx8 instantiations of the shared templates live here.
+// (The shared header is included after the pragmas so that those instantiations are AVX code.)
+#if defined(__x86_64__) || defined(__i386__)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx"))), apply_to = function)
+#else
+#pragma GCC push_options
 #pragma GCC target("avx")
+#endif
 
 #include <immintrin.h>
 
@@ -80,3 +88,33 @@ int64_t sgd_run_f32_avx(float* p, const float* g, float* buf, int64_t n, bool fi
 
 }  // namespace optim
 }  // namespace mat_cuda
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86: no AVX; the callers use their at::vec and scalar loops
+
+#include "optim/masked_step_simd.h"
+
+namespace mat_cuda {
+namespace optim {
+
+bool cpu_has_avx() { return false; }
+
+int64_t adamw_run_f32_avx(float*, const float*, float*, float*, int64_t, const AdamwConsts<float>&,
+                          AdamModuleCoeffs, bool, float, bool) {
+  return 0;
+}
+
+int64_t sgd_run_f32_avx(float*, const float*, float*, int64_t, bool, const SgdConsts<float>&, bool,
+                        float, bool) {
+  return 0;
+}
+
+}  // namespace optim
+}  // namespace mat_cuda
+
+#endif

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "optim/masked_step_simd.h"
@@ -24,7 +25,8 @@ struct VecSqrt {
   Vec operator()(const Vec& x) const { return x.sqrt(); }
 };
 
-const bool kHasAvx = cpu_has_avx();
+// MAT_CUDA_DISABLE_AVX=1 forces the at::vec path (how the tests cover CPUs without AVX).
+const bool kHasAvx = cpu_has_avx() && std::getenv("MAT_CUDA_DISABLE_AVX") == nullptr;
 
 // Elements per parallel task: large enough to amortise the run search, small enough to balance.
 constexpr int64_t kChunk = 32768;
@@ -35,6 +37,9 @@ struct Chunk {
   int64_t end;
 };
 
+// Below this many elements in a call, threads cost more than they save: run inline.
+constexpr int64_t kParallelFrom = 4 * kChunk;
+
 std::vector<Chunk> make_chunks(at::TensorList params) {
   std::vector<Chunk> chunks;
   for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
@@ -42,6 +47,13 @@ std::vector<Chunk> make_chunks(at::TensorList params) {
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
   }
   return chunks;
+}
+
+// The grain (in chunks) for at::parallel_for: everything in one task for small calls.
+int64_t chunk_grain(at::TensorList params, const std::vector<Chunk>& chunks) {
+  int64_t total = 0;
+  for (const auto& p : params) total += p.numel();
+  return total < kParallelFrom ? static_cast<int64_t>(chunks.size()) + 1 : 1;
 }
 
 // What every chunk of one call reads: the mask, the tables and the AMP scale.
@@ -177,7 +189,8 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const auto cv = adamw_consts<Vec>(lr, beta1, beta2, weight_decay, eps);
   const std::vector<Chunk> chunks = make_chunks(params);
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(params, chunks),
+                   [&](int64_t lo, int64_t hi) {
     for (int64_t ci = lo; ci < hi; ++ci) {
       const Chunk& ch = chunks[ci];
       const at::Tensor& p = params[ch.tensor];
@@ -248,7 +261,8 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
   const auto cv = sgd_consts<Vec>(lr, momentum, dampening, weight_decay, nesterov);
   const std::vector<Chunk> chunks = make_chunks(params);
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(params, chunks),
+                   [&](int64_t lo, int64_t hi) {
     for (int64_t ci = lo; ci < hi; ++ci) {
       const Chunk& ch = chunks[ci];
       const at::Tensor& p = params[ch.tensor];

@@ -1,0 +1,457 @@
+"""MAT: the controller a training loop calls (probe on schedule, update masks, masked step).
+
+    mat = mat_cuda.MAT(model, optimizer)            # modules="auto", loss-mode probe
+    for batch in loader:
+        loss = compute_loss(model, batch)
+        loss.backward()
+        mat.step()                                  # probe on schedule, masks, optimizer step
+        mat.zero_grad()
+
+Data flow of a probe step (DESIGN.md): the training backward → the probe's hooks hand layer
+factors to the Gram kernels → K (M, p, p) → batched Lanczos → λ (M,) → policy → module mask
+(M,) bool on the device → the fused masked optimizer step and the masked backward (Skipper) of
+the following steps. Host reads happen at probe steps only: λ's validity (one ``bool``), the
+policy's history copy, and the skipper's host copy of the new mask.
+
+Probe arming. The user calls :meth:`MAT.step` *after* the backward, so MAT decides at the end of
+step k whether step k+1 is a probe step and, if so, arms it then: the Skipper's probe mode (every
+module active in forward and backward, frozen ones included, so their factors are produced and a
+frozen module can re-enter) and ``MNTKProbe.begin()``, before the user's next forward. Step 0 is
+armed by the constructor. :attr:`MAT.is_probe_step` says whether the step in progress is one.
+At the probe step's :meth:`MAT.step`: K → λ → ``policy.step`` → the new mask is set on the
+optimizer and the Skipper *before* that step's optimizer update, so it already applies to it.
+
+Gradient accumulation. Pass ``accumulation_steps=A`` and call :meth:`MAT.step` and
+:meth:`MAT.zero_grad` after every micro-batch's backward: the first A−1 calls only count (and
+zero_grad does nothing), the A-th steps the optimizer. A probe step keeps probe mode on for all
+of its micro-batches (so a re-entering module gets its whole accumulated gradient), but the
+probe's hooks are armed only for the last one: K is that micro-batch's. The micro-batch loss is
+assumed to be the batch loss divided by A (the usual convention). :attr:`MAT.is_last_micro_batch`
+says whether the next :meth:`MAT.step` steps the optimizer (e.g. to clip, or to leave DDP's
+``no_sync``).
+
+Mixed precision. Pass the ``torch.amp.GradScaler`` as ``scaler=``; the loop is
+``scaler.scale(loss).backward(); mat.step(); mat.zero_grad()`` and :meth:`MAT.step` calls
+``scaler.step(optimizer)`` and ``scaler.update()``. The probe divides the gradients by the
+scaler's scale tensor (read on the device, no host sync). A probe whose λ is not finite (an
+overflowing step) is dropped when a scaler is in use, the mask stays, and the next step probes
+again (counted in ``report()["skipped_probes"]``); without a scaler the policy raises.
+
+Gradient clipping: :meth:`MAT.clip_grad_norm_` (unscales through the scaler first). It clips over
+every parameter that has a gradient; on a probe step that includes the frozen modules' gradients
+(computed for the probe, never applied).
+
+Distributed (DistributedDataParallel). Each rank probes its own samples; λ is all-reduced (mean
+over ranks) before the policy, so every rank takes the same masks and frozen parameters stay
+identical. λ_DDP = mean over ranks r of λ_max(K_r), K_r the Gram of rank r's samples: the
+diagonal blocks of the global batch's K, not the global K (its cross-rank blocks would need the
+factors exchanged). Wrap with ``find_unused_parameters=True``: frozen whole-tensor modules stop
+requiring grad.
+
+Compute skipping: ``Skipper.from_discovery(discovery, mode=backward, strict=False)``. With
+``modules="auto"`` attention heads and FFN blocks are skipped in the backward; with an explicit
+ModuleMap there are no discovered structures, so only whole-tensor modules are skipped (their
+``requires_grad`` is toggled); row/column-group modules are then masked by the optimizer only.
+
+Compute saved (``report()``): an analytic estimate counted on the host at every step, no
+device work: a training step costs 6·N·T FLOPs (forward 2, backward 4, N = non-embedding
+parameters, T tokens); a frozen, skipped module m saves 2·N_m·T (its weight gradient) or, in
+``detach`` mode for heads and FFN/expert blocks, 4·N_m·T (its input gradient too). Probe steps
+are dense. Attention score products and embeddings are left out of both.
+
+The defaults (``probe_every=100``, ``warmup=1000``, whole-batch probe) are provisional: the
+probe overhead at ``probe_every=100`` is measured in benchmarks/bench_mat.py; the policy's
+constants are docs/policy.md's, none tuned on the benchmark suite yet.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .discovery import Discovery, resolve_modules, unwrap_model
+from .linalg import lambda_max
+from .mntk import LOSS_REDUCTIONS, MNTKProbe
+from .modules import ModuleMap
+from .nn import Skipper
+from .optim import MaskedAdamW, MaskedSGD, _MaskedOptimizer
+from .policy import MATPolicy
+
+__all__ = ["MAT", "DEFAULT_PROBE_EVERY", "DEFAULT_WARMUP"]
+
+DEFAULT_PROBE_EVERY = 100
+DEFAULT_WARMUP = 1000
+_BACKWARD_MODES = ("detach", "exact")
+_DETACHED_KINDS = ("head", "ffn", "expert")  # kinds whose input gradient "detach" also skips
+# Embeddings stay shared by default: a position table is looked up with indices that have no
+# sample axis (one (T,) arange for the batch), which the loss-mode probe cannot split per sample.
+MAT_DEFAULT_KINDS = ("head", "ffn", "expert", "conv")
+
+# torch optimizers MAT rebuilds as their masked equivalent (exact classes: a subclass may
+# change the update, which the fused kernels would silently ignore).
+_WRAPPABLE = {torch.optim.AdamW: MaskedAdamW, torch.optim.SGD: MaskedSGD}
+
+
+class MAT:
+    """Modular Adaptive Training controller (see the module docstring for the semantics).
+
+    Args:
+        model: the ``nn.Module`` being trained (possibly DDP / torch.compile wrapped).
+        optimizer: a :class:`MaskedAdamW` / :class:`MaskedSGD` built with this MAT's module map,
+            or one MAT can rebuild on that map (a MaskedAdamW/MaskedSGD with another map, a
+            ``torch.optim.AdamW`` or ``torch.optim.SGD``) before its first step: same param
+            groups (the very dicts, so an LR scheduler on the old optimizer still works) and
+            hyper-parameters. Use :attr:`optimizer` afterwards. Anything else raises TypeError.
+        modules: ``"auto"`` (module discovery) or a :class:`ModuleMap` of the model.
+        policy: a :class:`MATPolicy` built on the map's kinds, or None for
+            ``MATPolicy(kinds, warmup=warmup, probe_every=probe_every)``.
+        probe_every, warmup: for the default policy only (defaults 100 and 1000).
+        probe_size: None (every sample of the batch) or p: K uses the first p samples.
+        kernel: the mNTK kernel mode; only ``"loss"`` (read from the training backward).
+        backward: ``"detach"`` (default) or ``"exact"`` (see :class:`Skipper`).
+        loss_reduction: ``"mean"`` (default) or ``"sum"``: how the loss sums per-sample terms.
+        scaler: an optional ``torch.amp.GradScaler``.
+        accumulation_steps: micro-batches per optimizer step (default 1).
+        kinds: module kinds of discovery (``modules="auto"``); default heads, FFN blocks,
+            experts and conv layers (add "embedding" when every embedding's indices have the
+            sample axis first).
+        lanczos_iters: Lanczos budget (default ``min(p, 32)``).
+        process_group: the group λ is all-reduced over (default: the world, when
+            torch.distributed is initialised with more than one rank).
+
+    Attributes: ``optimizer``, ``policy``, ``probe`` (MNTKProbe), ``skipper``, ``discovery``,
+    ``module_map``, ``step_count`` (optimizer steps taken).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, modules="auto",
+                 policy: Optional[MATPolicy] = None, *, probe_every: Optional[int] = None,
+                 warmup: Optional[int] = None, probe_size: Optional[int] = None,
+                 kernel: str = "loss", backward: str = "detach", loss_reduction: str = "mean",
+                 scaler: Optional[torch.amp.GradScaler] = None, accumulation_steps: int = 1,
+                 kinds: Iterable[str] = MAT_DEFAULT_KINDS, lanczos_iters: Optional[int] = None,
+                 process_group=None):
+        if kernel != "loss":
+            raise ValueError(f"MAT: kernel must be 'loss' (read from the training backward), got "
+                             f"{kernel!r}; the output modes need a probe batch of their own: use "
+                             "MNTKProbe.measure directly")
+        if backward not in _BACKWARD_MODES:
+            raise ValueError(f"MAT: backward must be one of {_BACKWARD_MODES}, got {backward!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"MAT: loss_reduction must be one of {LOSS_REDUCTIONS}, "
+                             f"got {loss_reduction!r}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
+                or accumulation_steps < 1:
+            raise ValueError(f"MAT: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MAT: model must be an nn.Module, got {type(model).__name__}")
+        self.model, self.inner = model, unwrap_model(model)
+        self.backward, self.scaler = backward, scaler
+        self.accumulation_steps, self.lanczos_iters = accumulation_steps, lanczos_iters
+        self.process_group = process_group
+
+        self.discovery = _resolve(self.inner, modules, kinds)
+        self.module_map: ModuleMap = self.discovery.module_map
+        mm = self.module_map
+        if mm.num_modules == 0:
+            raise ValueError("MAT: the model has no MAT modules (discovery found none, or the "
+                             "ModuleMap is empty)")
+        self.optimizer = _masked_optimizer(optimizer, mm)
+        self.device = self.optimizer._device
+        self.policy = _make_policy(policy, mm, probe_every, warmup)
+        self.probe = MNTKProbe(self.inner, mm, "loss", loss_reduction=loss_reduction,
+                               probe_size=probe_size)
+        try:
+            self.skipper = Skipper.from_discovery(self.discovery, mode=backward, strict=False)
+        except Exception:
+            self.probe.close()
+            raise
+        self._init_cost_model()
+
+        M = mm.num_modules
+        self.step_count = 0           # optimizer steps taken
+        self._micro = 0               # micro-batches of the current step already stepped
+        self._retry = False           # the last probe was dropped (non-finite λ): probe again
+        self._vectors: Optional[torch.Tensor] = None   # (M, p) Ritz vectors of the last probe
+        self._mask_host = [True] * M  # the mask in force, host copy (made at each probe)
+        self._probe_cm = None         # the Skipper's probe_mode context while a probe step runs
+        self._armed = False           # probe.begin() called for the coming micro-batch
+        self.skipped_probes = 0
+        self.probe_steps: list[int] = []
+        self._flops_total = 0.0       # analytic units (per token) summed over steps
+        self._flops_saved = 0.0
+        self._arm()
+
+    # ---- the training-loop API ----
+    @property
+    def is_probe_step(self) -> bool:
+        """Whether the step in progress (whose forward/backward come next) is a probe step."""
+        return self._probe_cm is not None
+
+    @property
+    def is_last_micro_batch(self) -> bool:
+        """Whether the next :meth:`step` call steps the optimizer (always True without
+        gradient accumulation)."""
+        return self._micro == self.accumulation_steps - 1
+
+    @property
+    def should_stop(self) -> bool:
+        """The temporal policy's verdict: every module kind has converged (host read)."""
+        return self.policy.should_stop()
+
+    def step(self) -> bool:
+        """Call after each (micro-batch) backward. Returns True when the optimizer stepped.
+
+        On the last micro-batch of a probe step: K → λ → policy → masks (optimizer and Skipper),
+        then the masked optimizer step (through the scaler when given); then arms the next step.
+        """
+        self._micro += 1
+        if self._micro < self.accumulation_steps:
+            self._arm()
+            return False
+        self._micro = 0
+        probed = self._armed
+        if probed:
+            self._finish_probe()
+        elif self._probe_cm is not None:
+            self._leave_probe_mode()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._count_flops(dense=probed)
+        self.step_count += 1
+        self._arm()
+        return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The optimizer's zero_grad, except between the micro-batches of one step."""
+        if self._micro == 0:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradients of the optimizer's parameters (unscaled through the scaler first);
+        returns the total norm (a device tensor). Call before :meth:`step` on the last
+        micro-batch."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+
+    # ---- probe steps ----
+    def _arm(self) -> None:
+        """Prepare the coming micro-batch: probe mode for a probe step, hooks for its last."""
+        probe_step = self._retry or self.policy.is_probe(self.step_count)
+        if not probe_step:
+            return
+        if self._probe_cm is None:
+            self._probe_cm = self.skipper.probe_mode()
+            self._probe_cm.__enter__()
+        if self.is_last_micro_batch and not self._armed:
+            self.probe.begin(loss_scale=self._loss_scale())
+            self._armed = True
+
+    def _loss_scale(self):
+        """The factor the loss was multiplied by beyond the per-sample weights: the scaler's
+        scale (a device tensor) over the accumulation steps (the micro-batch loss is the batch
+        loss / A); None when it is 1."""
+        factor = 1.0 / self.accumulation_steps
+        if self.scaler is not None and self.scaler.is_enabled():
+            if self.scaler._scale is None:  # created lazily by the first scaler.scale()
+                self.scaler._lazy_init_scale_growth_tracker(self.device)
+            return self.scaler._scale * factor
+        return None if factor == 1.0 else factor
+
+    def _lambda(self, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ (M,) and the Ritz vectors (M, p) of this rank's K (M, p, p), warm-started."""
+        v0 = self._vectors
+        if v0 is not None and v0.shape != K.shape[:2]:
+            v0 = None
+        res = lambda_max(K, iters=self.lanczos_iters, v0=v0, return_vectors=True,
+                         check_symmetric=False)
+        return res.lambdas, res.vectors
+
+    def _reduce_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        """Mean of λ over the ranks of the process group (identity in one process)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return lam
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return lam
+        lam = lam.clone()
+        dist.all_reduce(lam, op=dist.ReduceOp.SUM, group=self.process_group)
+        return lam / world
+
+    def _finish_probe(self) -> None:
+        self._armed = False
+        K = self.probe.gram()
+        lam, vectors = self._lambda(K)
+        lam = self._reduce_lambda(lam)
+        self._leave_probe_mode()
+        if self.scaler is not None and self.scaler.is_enabled() \
+                and not bool(torch.isfinite(lam).all()):  # host read, at a probe only
+            self.skipped_probes += 1   # an overflowing AMP step: the mask stays, probe again
+            self._retry = True
+            return
+        self._retry = False
+        self._vectors = vectors
+        mask = self.policy.step(self.step_count, lam).to(self.device)
+        self.optimizer.set_module_mask(mask)
+        self.skipper.set_mask(mask)      # its host copy: the mask update's one read
+        self._mask_host = self.skipper.active
+        self.probe_steps.append(self.step_count)
+
+    def _leave_probe_mode(self) -> None:
+        if self._probe_cm is not None:
+            cm, self._probe_cm = self._probe_cm, None
+            cm.__exit__(None, None, None)
+
+    def _disarm(self) -> None:
+        if self._armed:
+            self.probe.cancel()
+            self._armed = False
+        self._leave_probe_mode()
+
+    # ---- compute accounting ----
+    def _init_cost_model(self) -> None:
+        mm = self.module_map
+        numel = list(self.discovery.module_numel)
+        if len(numel) != mm.num_modules:
+            numel = Discovery.from_module_map(self.inner, mm).module_numel
+        embed = {m for m, k in enumerate(mm.kinds) if k == "embedding"}
+        skipped = set(self.skipper.skipped_modules)
+        factor = [0 if (m in embed or m not in skipped) else
+                  (4 if self.backward == "detach" and k in _DETACHED_KINDS else 2)
+                  for m, k in enumerate(mm.kinds)]
+        self._saving_per_module = [f * n for f, n in zip(factor, numel)]
+        self._dense_per_step = 6.0 * (sum(n for m, n in enumerate(numel) if m not in embed)
+                                      + self.discovery.shared_numel)
+
+    def _count_flops(self, dense: bool) -> None:
+        self._flops_total += self._dense_per_step
+        if not dense:
+            self._flops_saved += sum(s for s, a in zip(self._saving_per_module, self._mask_host)
+                                     if not a)
+
+    # ---- report and checkpoint ----
+    def report(self) -> dict:
+        """Per-module λ history, active fraction over time, compute saved (host tensors).
+
+        Returns the policy's report (``step`` (P,), ``lam`` (P, M), ``mask`` (P, M),
+        ``active_fraction`` {kind: (P,)}, ``reentries``, ``retired``, ``converged_kinds``,
+        ``names``, ``kinds``; P = probes recorded) plus ``steps`` (optimizer steps so far),
+        ``skipped_probes``, ``module_steps`` ((M+1,) steps each module was updated, last =
+        unmanaged), ``compute_saved`` (fraction of the analytic training FLOPs saved so far,
+        see the module docstring) and ``unskipped_modules`` (masked by the optimizer only).
+        """
+        rep = self.policy.report()
+        rep.update(
+            steps=self.step_count,
+            skipped_probes=self.skipped_probes,
+            module_steps=self.optimizer.module_steps.cpu(),
+            compute_saved=(self._flops_saved / self._flops_total) if self._flops_total else 0.0,
+            unskipped_modules=self.skipper.unskipped_modules,
+        )
+        return rep
+
+    def state_dict(self) -> dict:
+        """Masks, policy state (λ histories included), step counters, Ritz vectors, compute
+        counters and per-module step counts. The optimizer's state is its own state_dict."""
+        return {
+            "step_count": self.step_count,
+            "micro": self._micro,
+            "retry": self._retry,
+            "mask": self.optimizer.module_mask.clone(),
+            "module_steps": self.optimizer.module_steps.clone(),
+            "vectors": None if self._vectors is None else self._vectors.clone(),
+            "policy": self.policy.state_dict(),
+            "skipped_probes": self.skipped_probes,
+            "probe_steps": list(self.probe_steps),
+            "flops": (self._flops_total, self._flops_saved),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output: masks are applied to the optimizer and the
+        Skipper, and the coming step is re-armed as the saved run would have armed it."""
+        mask = state["mask"].to(device=self.device, dtype=torch.bool)
+        if tuple(mask.shape) != (self.module_map.num_modules,):
+            raise ValueError(f"MAT.load_state_dict: the mask has shape {tuple(mask.shape)}, this "
+                             f"MAT has {self.module_map.num_modules} modules")
+        self._disarm()
+        self.policy.load_state_dict(state["policy"])
+        self.step_count, self._micro = int(state["step_count"]), int(state["micro"])
+        self._retry = bool(state["retry"])
+        self._vectors = None if state["vectors"] is None else state["vectors"].to(self.device)
+        self.skipped_probes = int(state["skipped_probes"])
+        self.probe_steps = list(state["probe_steps"])
+        self._flops_total, self._flops_saved = state["flops"]
+        self.optimizer.set_module_mask(mask)
+        self.optimizer.module_steps.copy_(state["module_steps"].to(self.device))
+        self.skipper.set_mask(mask)
+        self._mask_host = self.skipper.active
+        self._arm()
+
+    def close(self) -> None:
+        """Remove the probe's hooks and undo the Skipper's conversion (the model as before)."""
+        self._disarm()
+        self.probe.close()
+        self.skipper.restore()
+
+    def __enter__(self) -> "MAT":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _resolve(model: nn.Module, modules, kinds) -> Discovery:
+    try:
+        return resolve_modules(model, modules, kinds)
+    except ValueError as e:
+        raise ValueError(f"MAT: the ModuleMap does not fit the model: {e}") from e
+
+
+def _make_policy(policy, mm: ModuleMap, probe_every, warmup) -> MATPolicy:
+    if policy is None:
+        return MATPolicy(mm.kinds, warmup=DEFAULT_WARMUP if warmup is None else warmup,
+                         probe_every=DEFAULT_PROBE_EVERY if probe_every is None else probe_every,
+                         names=mm.names)
+    if probe_every is not None or warmup is not None:
+        raise ValueError("MAT: probe_every and warmup configure the default policy; with "
+                         "policy= set them on the MATPolicy")
+    if not isinstance(policy, MATPolicy):
+        raise TypeError(f"MAT: policy must be a MATPolicy, got {type(policy).__name__}")
+    if list(policy.kinds) != mm.kinds:
+        raise ValueError(f"MAT: the policy was built for {len(policy.kinds)} modules of kinds "
+                         f"{sorted(set(policy.kinds))}, the module map has {mm.num_modules} of "
+                         f"kinds {sorted(set(mm.kinds))}; build it with MATPolicy(mat.module_map"
+                         ".kinds) (or module_map.kinds of the same map)")
+    return policy
+
+
+def _masked_optimizer(optimizer, mm: ModuleMap) -> _MaskedOptimizer:
+    """``optimizer`` if it is masked on ``mm``, else its masked equivalent on ``mm``."""
+    if isinstance(optimizer, _MaskedOptimizer):
+        if optimizer.module_map is mm:
+            return optimizer
+        cls = type(optimizer)
+    elif type(optimizer) in _WRAPPABLE:
+        cls = _WRAPPABLE[type(optimizer)]
+    else:
+        raise TypeError(f"MAT: cannot use an optimizer of type {type(optimizer).__name__}: pass a "
+                        "mat_cuda.MaskedAdamW / MaskedSGD, or a torch.optim.AdamW / SGD that MAT "
+                        "rebuilds as one")
+    if len(optimizer.state):
+        raise ValueError(f"MAT: the {type(optimizer).__name__} already has state (it has "
+                         "stepped); create MAT before the first optimizer step so it can be "
+                         f"rebuilt as {cls.__name__} on MAT's module map")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "module_map"}
+    kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    try:
+        return cls(optimizer.param_groups, module_map=mm, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"MAT: cannot rebuild the {type(optimizer).__name__} as {cls.__name__} "
+                         f"on MAT's module map: {e}") from e

@@ -1,0 +1,326 @@
+"""MAT controller: masks reach the optimizer and the backward, all-active MAT equals AdamW,
+checkpoint/resume identity, gradient accumulation, GradScaler, clipping, report, bad configs."""
+import copy
+import io
+
+import pytest
+import torch
+
+import mat_cuda
+from mat_cuda import MAT, MATPolicy, MNTKProbe, ModularPolicy, ModuleMap
+from mat_cuda.models import BertEncoderMLM, mlm_loss
+
+V, N, T = 30, 4, 6
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return BertEncoderMLM(V, hidden=16, layers=2, heads=2, ffn=32, max_len=8)
+
+
+def make_batches(k, n=N, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        x = torch.randint(0, V, (n, T), generator=g)
+        y = torch.where(torch.rand(n, T, generator=g) < 0.4, x, torch.full_like(x, -100))
+        y[:, 0] = x[:, 0]  # every sample predicts at least one token
+        out.append((x, y))
+    return out
+
+
+def freezing_policy(mm, probe_every=2, temporal=True):
+    """Budget mode: half of each kind trains after the first probe (no warm-up)."""
+    kinds = mm.kinds
+    kw = {} if temporal else {"temporal": None}
+    return MATPolicy(kinds, modular=ModularPolicy(kinds, mode="budget", budget=0.5),
+                     warmup=0, probe_every=probe_every, **kw)
+
+
+def build(model, policy_fn=freezing_policy, **kw):
+    """MAT on `model` with a plain AdamW rebuilt as MaskedAdamW and a policy on MAT's map."""
+    mm = mat_cuda.discover(model, ("head", "ffn")).module_map
+    # MAT runs discovery itself; build the policy from the same kinds (discovery is deterministic).
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return MAT(model, opt, policy=policy_fn(mm), **kw)
+
+
+def step(mat, model, batch, factor=1.0):
+    x, y = batch
+    (mlm_loss(model(x), y) * factor).backward()
+    stepped = mat.step()
+    mat.zero_grad()
+    return stepped
+
+
+def element_mask(mm, p, frozen):
+    """(p.shape) bool: the elements of `p` that belong to a module in `frozen`."""
+    lay = mm.layout(p)
+    out = torch.zeros(p.shape, dtype=torch.bool)
+    if lay is None:
+        return out
+    if lay.kind == "whole":
+        out[...] = lay.module in frozen
+        return out
+    for g, m in enumerate(lay.group_module):
+        if m in frozen:
+            sl = slice(g * lay.group_size, (g + 1) * lay.group_size)
+            if lay.kind == "rows":
+                out[sl] = True
+            else:
+                out[..., sl] = True
+    return out
+
+
+@pytest.mark.parametrize("backward", ["detach", "exact"])
+def test_masks_reach_optimizer_and_backward(backward):
+    model = make_model()
+    mat = build(model, backward=backward)
+    mm = mat.module_map
+    ffn_blocks = {f.module: f.block for f in mat.discovery.ffns}
+    frozen_seen = set()
+    for k, batch in enumerate(make_batches(7)):
+        before = [p.detach().clone() for p in mm.params()]
+        probe_step = mat.is_probe_step
+        x, y = batch
+        mlm_loss(model(x), y).backward()
+        mask_before = mat.optimizer.module_mask.clone()
+        if not probe_step:
+            # Frozen FFN blocks: no gradient at all; frozen heads: zero gradient rows/columns.
+            for m in (~mask_before).nonzero().flatten().tolist():
+                if m in ffn_blocks:
+                    assert all(q.grad is None for q in ffn_blocks[m].parameters())
+            for p in mm.params():
+                em = element_mask(mm, p, set((~mask_before).nonzero().flatten().tolist()))
+                if p.grad is not None and em.any():
+                    assert not p.grad[em].any()
+        mat.step()
+        mat.zero_grad()
+        frozen = set((~mat.optimizer.module_mask).nonzero().flatten().tolist())
+        frozen_seen |= frozen
+        for p, b in zip(mm.params(), before):
+            em = element_mask(mm, p, frozen)
+            assert torch.equal(p.detach()[em], b[em]), f"step {k}: a frozen module moved"
+            assert not torch.equal(p.detach()[~em], b[~em]) or (~em).sum() == 0
+    assert frozen_seen, "the budget policy froze nothing: the test checked nothing"
+    assert mat.probe_steps == [0, 2, 4, 6]
+    mat.close()
+
+
+def test_all_active_policy_equals_adamw():
+    model, ref = make_model(), make_model()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    mat = MAT(model, torch.optim.AdamW(model.parameters(), lr=1e-2), warmup=10**6, probe_every=2)
+    for batch in make_batches(5):
+        step(mat, model, batch)
+        x, y = batch
+        mlm_loss(ref(x), y).backward()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        assert mat.optimizer.module_mask.all()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(mat.report()["step"]) == 3  # probes at 0, 2, 4
+    mat.close()
+
+
+def _checkpoint(*objs):
+    buf = io.BytesIO()
+    torch.save([o.state_dict() for o in objs], buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_resume_equals_uninterrupted_run():
+    data = make_batches(8)
+    model_a = make_model()
+    mat_a = build(model_a)
+    for b in data:
+        step(mat_a, model_a, b)
+
+    model_b = make_model()
+    mat_b = build(model_b)
+    for b in data[:4]:
+        step(mat_b, model_b, b)
+    saved = _checkpoint(model_b, mat_b.optimizer, mat_b)
+    mat_b.close()
+
+    model_c = make_model(seed=123)          # different weights: all must come from the checkpoint
+    mat_c = build(model_c)
+    model_c.load_state_dict(saved[0])
+    mat_c.optimizer.load_state_dict(saved[1])
+    mat_c.load_state_dict(saved[2])
+    assert mat_c.is_probe_step            # step 4 is a probe step: re-armed on load
+    for b in data[4:]:
+        step(mat_c, model_c, b)
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+    ra, rc = mat_a.report(), mat_c.report()
+    assert torch.equal(ra["lam"], rc["lam"]) and torch.equal(ra["mask"], rc["mask"])
+    assert torch.equal(ra["module_steps"], rc["module_steps"])
+    assert ra["compute_saved"] == rc["compute_saved"] > 0
+    mat_a.close()
+    mat_c.close()
+
+
+def test_accumulation_probes_only_the_last_micro_batch():
+    A = 2
+    model = make_model()
+    ref = copy.deepcopy(model)
+    mat = build(model, accumulation_steps=A)
+    micro = make_batches(A, seed=5)
+    assert mat.is_probe_step and not mat.is_last_micro_batch
+    assert step(mat, model, micro[0], 1 / A) is False
+    assert mat.is_last_micro_batch
+    assert step(mat, model, micro[1], 1 / A) is True
+    lam = mat.report()["lam"][0]
+    # Reference: a standalone probe on the last micro-batch alone, at the same weights.
+    probe = MNTKProbe(ref, mat_cuda.discover(ref, ("head", "ffn")).module_map)
+    probe.begin(loss_scale=1 / A)
+    x, y = micro[1]
+    (mlm_loss(ref(x), y) / A).backward()
+    lam_ref = mat_cuda.lambda_max(probe.gram())
+    torch.testing.assert_close(lam, lam_ref.double(), rtol=1e-5, atol=0)
+    # The optimizer stepped once, on the sum of both micro-batches' gradients.
+    assert mat.step_count == 1 and int(mat.optimizer.module_steps[-1]) == 1
+    mat.close()
+
+
+def test_grad_scaler_gives_the_unscaled_run():
+    data = make_batches(4)
+    model, ref = make_model(), make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    mat = build(model, scaler=scaler)
+    mat_ref = build(ref)
+    for b in data:
+        x, y = b
+        scaler.scale(mlm_loss(model(x), y)).backward()
+        mat.step()
+        mat.zero_grad()
+        step(mat_ref, ref, b)
+    r, rr = mat.report(), mat_ref.report()
+    torch.testing.assert_close(r["lam"], rr["lam"], rtol=1e-5, atol=0)
+    assert torch.equal(r["mask"], rr["mask"])
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    mat.close()
+    mat_ref.close()
+
+
+def test_overflowing_probe_is_dropped_and_retried():
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    mat = build(model, scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_batches(1)[0]
+    scaler.scale(mlm_loss(model(x), y) * float("inf")).backward()
+    mat.step()
+    mat.zero_grad()
+    assert mat.skipped_probes == 1 and mat.is_probe_step and scaler.get_scale() == 2.0 ** 9
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    scaler.scale(mlm_loss(model(x), y)).backward()
+    mat.step()
+    assert mat.probe_steps == [1] and len(mat.report()["step"]) == 1
+    mat.close()
+
+
+def test_clip_grad_norm_with_scaler():
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    mat = build(model, scaler=scaler)
+    x, y = make_batches(1)[0]
+    scaler.scale(mlm_loss(model(x), y)).backward()
+    total = mat.clip_grad_norm_(1e-3)
+    assert float(total) > 1e-3
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) <= 1e-3 * 1.001
+    mat.step()
+    mat.close()
+
+
+def test_report_and_should_stop():
+    model = make_model()
+    mat = build(model)
+    for b in make_batches(5):
+        step(mat, model, b)
+    r = mat.report()
+    M = mat.module_map.num_modules
+    assert r["lam"].shape == (3, M) and r["mask"].shape == (3, M)
+    assert set(r["active_fraction"]) == {"head", "ffn"}
+    assert r["active_fraction"]["head"][-1] == 0.5
+    assert r["steps"] == 5 and r["module_steps"].shape == (M + 1,)
+    # Frozen half of heads and FFNs on 2 non-probe steps of 5: a positive saving below 1/2.
+    assert 0 < r["compute_saved"] < 0.5
+    assert isinstance(mat.should_stop, bool)
+    mat.close()
+
+
+def test_plain_torch_optimizer_is_rebuilt_sharing_param_groups():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mat = MAT(model, opt)
+    assert isinstance(mat.optimizer, mat_cuda.MaskedSGD)
+    assert mat.optimizer.param_groups[0] is opt.param_groups[0]  # an LR scheduler still works
+    assert mat.optimizer.param_groups[0]["momentum"] == 0.9
+    mat.close()
+
+
+def test_close_restores_the_model():
+    model = make_model()
+    ref = copy.deepcopy(model)
+    mat = build(model)
+    step(mat, model, make_batches(1)[0])
+    mat.close()
+    model.load_state_dict(ref.state_dict())
+    x, _ = make_batches(1)[0]
+    assert torch.equal(model(x), ref(x))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- bad configuration: clear errors before training starts ----
+
+def test_probe_size_larger_than_batch():
+    model = make_model()
+    mat = MAT(model, torch.optim.AdamW(model.parameters()), probe_size=N + 1)
+    x, y = make_batches(1)[0]
+    with pytest.raises(ValueError, match=f"probe_size={N + 1}.*batch of {N}"):
+        model(x)
+    mat.close()
+
+
+def test_module_map_that_does_not_fit():
+    model, other = make_model(), make_model()
+    mm = ModuleMap.per_parameter(other)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        MAT(model, torch.optim.AdamW(model.parameters()), modules=mm)
+
+
+def test_optimizer_that_cannot_be_wrapped():
+    model = make_model()
+    with pytest.raises(TypeError, match="cannot use an optimizer of type Adam"):
+        MAT(model, torch.optim.Adam(model.parameters()))
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = make_batches(1)[0]
+    mlm_loss(model(x), y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="already has state"):
+        MAT(model, opt)
+    with pytest.raises(ValueError, match="amsgrad"):
+        MAT(make_model(), torch.optim.AdamW(make_model().parameters(), amsgrad=True))
+
+
+def test_other_bad_arguments():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="kernel must be 'loss'"):
+        MAT(model, opt, kernel="output")
+    with pytest.raises(ValueError, match="backward must be"):
+        MAT(model, opt, backward="skip")
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        MAT(model, opt, accumulation_steps=0)
+    with pytest.raises(ValueError, match="policy was built for"):
+        MAT(model, opt, policy=MATPolicy(["head"] * 3))
+    with pytest.raises(ValueError, match="probe_every and warmup"):
+        MAT(model, opt, policy=MATPolicy(["head"] * 4 + ["ffn"] * 2), probe_every=5)
+    # Nothing was left converted or hooked by the failed constructions.
+    assert all(p.requires_grad for p in model.parameters())
