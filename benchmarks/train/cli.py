@@ -123,7 +123,11 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                     try:
                         rec = run_one(task, name, seed, cfg, device, data, fractions=fractions,
                                       kind=kind, progress=plan["progress"])
-                    except MethodError as exc:
+                    except (MethodError, RuntimeError) as exc:
+                        # A method that cannot run on this task (e.g. MAT's loss-mode probe on
+                        # a model it cannot split per sample): recorded and reported, not hidden.
+                        if isinstance(exc, RuntimeError) and name != "mat":
+                            raise
                         print(f"mat-bench train: skipping {task}/{name} seed {seed}: {exc}")
                         results["skipped"].append({"task": task, "method": name, "seed": seed,
                                                    "why": str(exc)})

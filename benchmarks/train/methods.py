@@ -31,6 +31,9 @@ import torch
 import mat_cuda
 
 METHODS = ("baseline", "mat", "random", "gradnorm", "freeze_all")
+# Module kinds of every method: MAT's default (embeddings stay shared: the loss-mode probe
+# cannot split a position table's gradient per sample).
+MODULE_KINDS = ("head", "ffn", "expert", "conv")
 SELECTION_METHODS = ("random", "gradnorm")  # need an active fraction per kind
 
 
@@ -50,14 +53,14 @@ class MaskedMethod:
     def __init__(self, model: torch.nn.Module, lr: float, warmup: int, probe_every: int,
                  seed: int, weight_decay: float = 0.01):
         self.model = model
-        self.discovery = mat_cuda.discover(model)
+        self.discovery = mat_cuda.discover(model, MODULE_KINDS)
         self.module_map = self.discovery.module_map
         self.kinds = self.module_map.kinds
         self.names = self.module_map.names
         self.optimizer = mat_cuda.MaskedAdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr,
             weight_decay=weight_decay, module_map=self.module_map)
-        self.skipper = mat_cuda.Skipper.from_discovery(self.discovery, mode="detach")
+        self.skipper = mat_cuda.Skipper.from_discovery(self.discovery, mode="detach", strict=False)
         self.device = next(model.parameters()).device
         self.warmup, self.probe_every = warmup, probe_every
         self.generator = torch.Generator().manual_seed(10_007 + seed)
@@ -74,6 +77,10 @@ class MaskedMethod:
 
     def backward_context(self, step: int):
         return self.skipper.probe_mode() if self.is_probe(step) else contextlib.nullcontext()
+
+    def meter_context(self, step: int):
+        """Context of a FLOP-metering pass in the compute state of ``step``."""
+        return self.backward_context(step)
 
     def step(self, step: int) -> None:
         if self.is_probe(step):
@@ -159,7 +166,7 @@ class _AtFraction(MaskedMethod):
         self.fractions = {k: float(fractions[k]) for k in set(self.kinds)}
 
     def is_probe(self, step: int) -> bool:
-        return step >= self.warmup and (step - self.warmup) % self.probe_every == 0
+        return step >= self.warmup and step % self.probe_every == 0  # MAT's probe steps
 
     def choose(self, scores) -> torch.Tensor:
         mask = torch.zeros(len(self.kinds), dtype=torch.bool)
@@ -179,6 +186,9 @@ class RandomSelect(_AtFraction):
 
     def backward_context(self, step: int):
         return contextlib.nullcontext()  # a random draw needs no measurement
+
+    def meter_context(self, step: int):
+        return contextlib.nullcontext()
 
     def compute_state(self, step: int):
         return tuple(self.mask.tolist())
@@ -211,15 +221,68 @@ class GradNorm(_AtFraction):
 
 
 class MATMethod:
-    """The MAT controller, driven like the other methods."""
+    """The MAT controller (``mat_cuda.MAT``, default policy, loss-mode probe on the training
+    batch), driven like the other methods. Its AdamW is rebuilt by MAT as a MaskedAdamW on MAT's
+    module map (the same discovery kinds as the other methods)."""
 
     name = "mat"
 
     def __init__(self, model, lr, warmup, probe_every, seed, weight_decay=0.01, probe_size=None):
         if not hasattr(mat_cuda, "MAT"):
             raise MethodError("method 'mat' needs mat_cuda.MAT, which is not part of this build "
-                              "of mat_cuda yet")
-        raise MethodError("method 'mat' is not wired up yet")
+                              "of mat_cuda")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                      weight_decay=weight_decay)
+        self.mat = mat_cuda.MAT(model, optimizer, probe_every=probe_every, warmup=warmup,
+                                probe_size=probe_size, kinds=MODULE_KINDS)
+        self.optimizer = self.mat.optimizer
+        self.kinds = self.mat.module_map.kinds
+        self.names = self.mat.module_map.names
+        self.history = {}
+
+    def is_probe(self, step: int) -> bool:
+        return self.mat.is_probe_step
+
+    def compute_state(self, step: int):
+        return "probe" if self.mat.is_probe_step else tuple(self.mat.skipper.active)
+
+    def backward_context(self, step: int):
+        return contextlib.nullcontext()  # MAT arms probe mode itself
+
+    @contextlib.contextmanager
+    def meter_context(self, step: int):
+        """A metering pass must not feed the armed probe: drop it, run, re-arm."""
+        armed = self.mat._armed
+        if armed:
+            self.mat.probe.cancel()
+        try:
+            yield
+        finally:
+            if armed:
+                self.mat.probe.begin(loss_scale=self.mat._loss_scale())
+
+    def step(self, step: int) -> None:
+        self.mat.step()
+
+    def zero_grad(self) -> None:
+        self.mat.zero_grad()
+
+    @property
+    def should_stop(self) -> bool:
+        return self.mat.should_stop
+
+    def active_fraction(self) -> dict:
+        return _kind_fractions(self.mat.skipper.active, self.kinds)
+
+    def extra_report(self) -> dict:
+        rep = self.mat.report()
+        self.history = {"step": rep["step"].tolist(), "mask": rep["mask"].tolist(), "score": None}
+        return {"lambda_history": {"step": rep["step"].tolist(), "lam": rep["lam"].tolist()},
+                "mask_history": self.history,
+                "reentries": None if rep["reentries"] is None else rep["reentries"].tolist(),
+                "converged_kinds": rep["converged_kinds"],
+                "mat_compute_saved_analytic": rep["compute_saved"],
+                "probe_steps": list(self.mat.probe_steps)}
 
 
 def build_method(name: str, model, *, lr: float, warmup: int, probe_every: int, seed: int,

@@ -104,9 +104,8 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str 
         "active_fraction": fraction_history,
         "mean_active_fraction_after_warmup": _mean_fraction(fraction_history, cfg["warmup"]),
         "modules": {"names": method.names, "kinds": method.kinds},
-        "mask_history": method.history,
         "task_config": task.config,
-        **method.extra_report(),
+        **{"mask_history": method.history, **method.extra_report()},
     }
 
 
@@ -118,7 +117,7 @@ def _mean_fraction(history: list, warmup: int) -> dict:
 
 def _meter_step(method, task, batch, step) -> dict:
     """FLOPs of one forward + backward in the compute state of ``step`` (gradients discarded)."""
-    with method.backward_context(step):
+    with method.meter_context(step):
         with FlopMeter(task.model) as meter:
             task.loss_fn(task.model, batch).backward()
     method.zero_grad()
