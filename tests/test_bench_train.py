@@ -181,7 +181,7 @@ def test_results_json_schema_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "res"
     rc = main(["train", "--size", "tiny", "--task", "mlm", "--method",
-               "baseline,mat,random,gradnorm,freeze_all", "--seeds", "0,1", "--steps", "4",
+               "baseline,mat,random,freeze_all", "--seeds", "0,1", "--steps", "4",
                "--eval-every", "2", "--warmup", "2", "--probe-every", "1", "--no-progress",
                "--out", str(out)])
     assert rc == 0
@@ -192,7 +192,7 @@ def test_results_json_schema_and_plots(tmp_path, capsys):
     assert res["config"]["seeds"] == [0, 1]
     methods = {(r["method"], r["seed"]) for r in res["runs"]}
     assert methods == {(m, s) for s in (0, 1) for m in
-                       ("baseline", "mat", "random", "gradnorm", "freeze_all:head",
+                       ("baseline", "mat", "random", "freeze_all:head",
                         "freeze_all:ffn")}
     for r in res["runs"]:
         for key in ("evals", "final_loss", "best_loss", "total_flops", "wall_s",
