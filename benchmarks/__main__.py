@@ -47,19 +47,27 @@ def _out_dir(path: str | None) -> str:
     return path
 
 
-def run_kernels(names: list[str] | None, quick: bool, devices: list[str] | None) -> list[dict]:
-    from .timing import devices as available_devices, markdown_table
+def _check_kernel_names(names: list[str] | None) -> dict:
+    """The kernel benchmark modules to run (all built ones when ``names`` is None)."""
+    from .train.cli import UsageError
 
     benches = _available_kernel_benches()
     if names:
         unknown = [n for n in names if n not in KERNEL_BENCHES]
         if unknown:
-            raise SystemExit(f"mat-bench: unknown kernel benchmark(s) {unknown}; "
-                             f"choose from {sorted(KERNEL_BENCHES)}")
+            raise UsageError(f"unknown kernel benchmark(s) {unknown}; choose from "
+                             f"{sorted(KERNEL_BENCHES)}")
         missing = [n for n in names if n not in benches]
         if missing:
-            raise SystemExit(f"mat-bench: kernel benchmark(s) {missing} are not built in this version")
+            raise UsageError(f"kernel benchmark(s) {missing} are not built in this version")
         benches = {n: benches[n] for n in names}
+    return benches
+
+
+def run_kernels(names: list[str] | None, quick: bool, devices: list[str] | None) -> list[dict]:
+    from .timing import devices as available_devices, markdown_table
+
+    benches = _check_kernel_names(names)
     devs = devices or available_devices()
     results = []
     for name, mod in benches.items():
@@ -113,10 +121,11 @@ def _run(args, parser) -> int:
 
     try:
         plan = parse_plan(args, args.quick) if args.command in ("train", "all") else None
+        names = args.only.split(",") if getattr(args, "only", None) else None
+        _check_kernel_names(names)
         out = _out_dir(args.out)
         kernels = []
         if args.command in ("kernels", "all"):
-            names = args.only.split(",") if getattr(args, "only", None) else None
             kernels = run_kernels(names, args.quick, args.device)
         if args.command == "kernels":
             _write(out, kernels, args.quick)

@@ -208,3 +208,10 @@ def test_results_json_schema_and_plots(tmp_path, capsys):
     for name in res["plots"] + ["summary.md"]:
         assert (out / name).stat().st_size > 0
     assert "| mat |" in (out / "summary.md").read_text()
+
+
+def test_kernels_unknown_name_exits_2(tmp_path, capsys):
+    rc = main(["kernels", "--only", "nosuch", "--out", str(tmp_path / "k")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nosuch" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "k")
