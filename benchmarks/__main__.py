@@ -24,7 +24,9 @@ KERNEL_BENCHES = {
     "optim": "benchmarks.bench_optim",
     "lanczos": "benchmarks.bench_lanczos",
     "gram": "benchmarks.bench_gram",
+    "probe": "benchmarks.bench_probe",
     "skip": "benchmarks.bench_skip",
+    "mat": "benchmarks.bench_mat",
 }
 
 

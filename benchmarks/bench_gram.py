@@ -6,7 +6,8 @@ included (W_O's bias belongs to no head and is left out everywhere). Given each 
 inputs A (n, T, d_in) and output gradients B (n, T, d_out), every method produces the same
 (M, n, n) Grams:
 
-  mat_cuda     mat_cuda.gram.linear_gram_ (algorithm "auto": explicit at long T, ghost at short)
+  mat_cuda     mat_cuda.gram.linear_gram_ (algorithm "auto": explicit at long T, ghost at short),
+               with a reusable 256 MiB workspace kept across calls (gram.gram_workspace)
   torch.func   vmap(grad) per-sample gradients of ⟨linear(a_i), b_i⟩, then per-module Grams
   explicit     plain PyTorch: per-sample gradients by einsum (bmm), Grams by matmul
   layer f+b    for scale: the four linear maps' own forward + backward (dX and dW)
@@ -16,6 +17,8 @@ gradients: 2nT·d_in·d_out, the Gram: 2n²·d_in·d_out, the layer: 3·2nT·d_i
 "vs floor" = mat_cuda time / (that fraction x the layer's measured forward+backward time).
 """
 from __future__ import annotations
+
+import statistics
 
 import torch
 from torch.func import grad, vmap
@@ -51,10 +54,10 @@ def _layer(n, T, d, H, d_ff, device):
     ]
 
 
-def _mat_cuda(K, layer, device):
+def _mat_cuda(K, layer, device, workspace=None):
     for _, W, b, A, B, gdim, gs, gm, bias in layer:
         gram.linear_gram_(K, A, B, torch.tensor(gm, device=device), group_dim=gdim,
-                          group_size=gs, bias=bias, validate=False)
+                          group_size=gs, bias=bias, validate=False, workspace=workspace)
     return K
 
 
@@ -97,17 +100,27 @@ def _torch_func(K, layer):
 
 
 def _layer_forward_backward(layer):
-    for _, W, b, A, B, *_ in layer:
-        W.requires_grad_(True)
-        if b is not None:
-            b.requires_grad_(True)
-        A.requires_grad_(True)
+    # Own leaf copies, so the other methods' inputs never require grad.
+    maps = [(W.clone().requires_grad_(True), None if b is None else b.clone().requires_grad_(True),
+             A.clone().requires_grad_(True), B) for _, W, b, A, B, *_ in layer]
 
     def run():
-        for _, W, b, A, B, *_ in layer:
-            y = torch.nn.functional.linear(A, W, b)
-            y.backward(B)
+        for W, b, A, B in maps:
+            torch.nn.functional.linear(A, W, b).backward(B)
     return run
+
+
+def _interleaved_medians(methods: dict, device: str, warmup: int, repeat: int) -> dict:
+    """Median ms of each method, timed round-robin (one call of each per round) so that load
+    from other processes on a shared machine falls on all methods alike."""
+    times = {key: [] for key in methods}
+    for fn in methods.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeat):
+        for key, fn in methods.items():
+            times[key].append(time_fn(fn, device, warmup=0, repeat=1)["median_ms"])
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def _peak_extra_mb(fn, device):
@@ -123,7 +136,7 @@ def _peak_extra_mb(fn, device):
 
 def run(devices: list[str], quick: bool) -> dict:
     rows = []
-    repeat, warmup = (2, 1) if quick else (5, 2)
+    repeat, warmup = (2, 1) if quick else (7, 1)
     for device in devices:
         for name, n, T, d, H, d_ff in (SHAPES_QUICK if quick else SHAPES_FULL):
             torch.manual_seed(0)
@@ -132,15 +145,15 @@ def run(devices: list[str], quick: bool) -> dict:
             K = torch.zeros(M, n, n, device=device)
             check = _explicit(torch.zeros_like(K), layer)
             err = ((_mat_cuda(torch.zeros_like(K), layer, device) - check).norm() / check.norm()).item()
-            t = {}
+            # Peak memory without the reusable workspace: what one call needs from scratch.
             methods = {"mat_cuda": lambda: _mat_cuda(K, layer, device),
                        "torch.func": lambda: _torch_func(K, layer),
                        "explicit": lambda: _explicit(K, layer)}
-            for key, fn in methods.items():
-                t[key] = time_fn(fn, device, warmup=warmup, repeat=repeat)["median_ms"]
             peak = {key: _peak_extra_mb(fn, device) for key, fn in methods.items()}
-            t["layer"] = time_fn(_layer_forward_backward(layer), device, warmup=warmup,
-                                 repeat=repeat)["median_ms"]
+            workspace = gram.gram_workspace(device)  # kept across calls, as a probe does
+            methods["mat_cuda"] = lambda: _mat_cuda(K, layer, device, workspace)
+            methods["layer"] = _layer_forward_backward(layer)
+            t = _interleaved_medians(methods, device, warmup, repeat)
             floor = (T + n) / (3 * T) * t["layer"]
             rows.append({
                 "device": device, "shape": f"{name} (n={n}, T={T}, d={d}, H={H}, ffn={d_ff})",

@@ -42,9 +42,11 @@ TORCH_LIBRARY(mat_cuda, m) {
   // K (M, n, n) f32 += per-module Grams of a linear layer's per-sample gradients g_i = B_iᵀ A_i.
   // A (n, T, d_in) | (n, d_in), B (n, T, d_out) | (n, d_out); group_module (num_groups,) int64;
   // group_dim 0 = groups of output rows, 1 = of input columns; algorithm 0 auto, 1 ghost,
-  // 2 explicit; workspace_bytes bounds temporaries.
+  // 2 explicit; workspace_bytes bounds temporaries; workspace (float32, 1-D), when given, is the
+  // explicit form's scratch for per-sample gradients, reused across calls (its size is the bound).
   m.def("linear_gram_(Tensor(a!) K, Tensor A, Tensor B, Tensor group_module, int group_dim, "
-        "int group_size, bool weight, bool bias, float scale, int algorithm, int workspace_bytes) -> ()");
+        "int group_size, bool weight, bool bias, float scale, int algorithm, int workspace_bytes, "
+        "Tensor(b!)? workspace=None) -> ()");
   // K[module] += scale * Gram of an embedding's per-sample weight gradients; indices (n, T) int64,
   // B (n, T, d).
   m.def("embedding_gram_(Tensor(a!) K, Tensor indices, Tensor B, int module, int? padding_idx, "

@@ -21,7 +21,7 @@ import torch
 
 from . import _ops
 
-__all__ = ["linear_gram_", "embedding_gram_", "sample_gram_"]
+__all__ = ["linear_gram_", "embedding_gram_", "sample_gram_", "gram_workspace"]
 
 _ALGORITHMS = {"auto": 0, "ghost": 1, "explicit": 2}
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
@@ -47,10 +47,17 @@ def _validate_module_ids(K: torch.Tensor, group_module: torch.Tensor, name: str)
                          f"(K has M={M} modules), got values in [{lo}, {hi}]")
 
 
+def gram_workspace(device: torch.device | str, nbytes: int = DEFAULT_WORKSPACE_BYTES) -> torch.Tensor:
+    """A reusable scratch buffer for ``linear_gram_(..., workspace=...)``: float32, 1-D,
+    ``nbytes // 4`` elements on ``device``. Keep one per device and pass it to every call."""
+    return torch.empty(max(int(nbytes) // 4, 1), dtype=torch.float32, device=device)
+
+
 def linear_gram_(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, group_module: torch.Tensor, *,
                  group_dim: int = 0, group_size: int | None = None, weight: bool = True,
                  bias: bool = False, scale: float = 1.0, algorithm: str = "auto",
                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                 workspace: torch.Tensor | None = None,
                  validate: bool = True) -> torch.Tensor:
     """Accumulate the per-module Grams of a linear layer's per-sample gradients into K.
 
@@ -68,6 +75,9 @@ def linear_gram_(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, group_module
     Gram shared by all groups, tiled over sample blocks), "explicit" (per-sample g_i by batched
     GEMM, reduced to the Gram at once, cost ~nT·d_in·d_out + n²·d_in·d_out) or "auto" (the
     cheaper by that cost model). workspace_bytes bounds the temporary memory of either form.
+    workspace: optional scratch from ``gram_workspace`` (float32, 1-D, on K's device) reused
+    for the explicit form's per-sample gradients across calls; its size then bounds that form's
+    memory. On CPU this saves the page faults of a fresh large allocation at every call.
 
     K: float32 (M, n, n), contiguous, on A's device. group_module: int64 (num_groups,) on K's
     device. Returns K.
@@ -89,7 +99,7 @@ def linear_gram_(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, group_module
     if validate:
         _validate_module_ids(K, group_module, name)
     _ops.ops.linear_gram_(K, A, B, group_module, group_dim, group_size, weight, bias, float(scale),
-                          _ALGORITHMS[algorithm], int(workspace_bytes))
+                          _ALGORITHMS[algorithm], int(workspace_bytes), workspace)
     return K
 
 
@@ -131,7 +141,7 @@ def sample_gram_(K: torch.Tensor, G: torch.Tensor, group_module: torch.Tensor, *
 
 @torch.library.register_fake("mat_cuda::linear_gram_")
 def _linear_gram_fake(K, A, B, group_module, group_dim, group_size, weight, bias, scale,
-                      algorithm, workspace_bytes):
+                      algorithm, workspace_bytes, workspace=None):
     return None
 
 

@@ -65,7 +65,7 @@ def lambda_max(K: torch.Tensor, iters: Optional[int] = None, tol: float = DEFAUL
         check_symmetric: check max|K − Kᵀ| ≤ symmetry_tol · max|K| per matrix and raise a
             ValueError otherwise. This is one reduction plus a host synchronisation (``.item()``):
             pass False on the training hot path (MAT's probe does), where K is symmetric by
-            construction.
+            construction, and under ``torch.compile(fullgraph=True)`` (the check breaks graphs).
         symmetry_tol: relative tolerance of that check.
 
     Returns:

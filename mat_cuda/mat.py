@@ -48,6 +48,8 @@ diagonal blocks of the global batch's K, not the global K (its cross-rank blocks
 factors exchanged). Wrap with ``find_unused_parameters=True``: frozen whole-tensor modules stop
 requiring grad.
 
+See docs/mat.md for the full semantics.
+
 Compute skipping: ``Skipper.from_discovery(discovery, mode=backward, strict=False)``. With
 ``modules="auto"`` attention heads and FFN blocks are skipped in the backward; with an explicit
 ModuleMap there are no discovered structures, so only whole-tensor modules are skipped (their
@@ -105,7 +107,9 @@ class MAT:
             ``torch.optim.AdamW`` or ``torch.optim.SGD``) before its first step: same param
             groups (the very dicts, so an LR scheduler on the old optimizer still works) and
             hyper-parameters. Use :attr:`optimizer` afterwards. Anything else raises TypeError.
-        modules: ``"auto"`` (module discovery) or a :class:`ModuleMap` of the model.
+        modules: ``"auto"`` (module discovery), a :class:`Discovery` of the model (e.g. from
+            ``discover(model)``, to build a MaskedAdamW on its ``module_map`` first), or a
+            :class:`ModuleMap` of the model (no attention/FFN structures: see below).
         policy: a :class:`MATPolicy` built on the map's kinds, or None for
             ``MATPolicy(kinds, warmup=warmup, probe_every=probe_every)``.
         probe_every, warmup: for the default policy only (defaults 100 and 1000).
@@ -408,6 +412,14 @@ class MAT:
 
 
 def _resolve(model: nn.Module, modules, kinds) -> Discovery:
+    if isinstance(modules, Discovery):
+        if modules.model is not None and unwrap_model(modules.model) is not model:
+            raise ValueError("MAT: the Discovery passed as modules= describes another model")
+        try:
+            modules.module_map.validate([p for p in model.parameters() if p.requires_grad])
+        except ValueError as e:
+            raise ValueError(f"MAT: the ModuleMap does not fit the model: {e}") from e
+        return modules
     try:
         return resolve_modules(model, modules, kinds)
     except ValueError as e:

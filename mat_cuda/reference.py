@@ -95,20 +95,6 @@ def masked_sgd_step_ref(params, grads, momentum_buffers, module_steps, module_ma
     return out_p, out_b
 
 
-# ---- linalg ----
-
-def lambda_max_reference(K: torch.Tensor, topk: Optional[int] = None) -> torch.Tensor:
-    """What ``mat_cuda.linalg.lambda_max`` computes, by a full eigendecomposition in float64.
-
-    K: (M, n, n) symmetric. Returns (M,) float64 λ_max, or (M, k) the k largest eigenvalues in
-    descending order when ``topk=k``.
-    """
-    evals = torch.linalg.eigvalsh(K.double())  # (M, n) ascending
-    if topk is None:
-        return evals[:, -1]
-    return evals.flip(-1)[:, :topk]
-
-
 # ---- mntk: Gram ----
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
@@ -230,3 +216,17 @@ def module_grams_reference(model: torch.nn.Module, module_map, grads: dict) -> t
             if m >= 0:
                 K[m] += G @ G.T
     return K
+
+
+# ---- linalg ----
+
+def lambda_max_reference(K: torch.Tensor, topk: Optional[int] = None) -> torch.Tensor:
+    """What ``mat_cuda.linalg.lambda_max`` computes, by a full eigendecomposition in float64.
+
+    K: (M, n, n) symmetric. Returns (M,) float64 λ_max, or (M, k) the k largest eigenvalues in
+    descending order when ``topk=k``.
+    """
+    evals = torch.linalg.eigvalsh(K.double())  # (M, n) ascending
+    if topk is None:
+        return evals[:, -1]
+    return evals.flip(-1)[:, :topk]

@@ -23,6 +23,7 @@ def _check_linear(device, A, B, gm, M, *, dtype=torch.float32, **kw):
     assert out is K
     kw.pop("algorithm", None)
     kw.pop("workspace_bytes", None)
+    kw.pop("workspace", None)
     ref.linear_gram_(K64, A.cpu(), B.cpu(), gm, **kw)
     err = rel_err(K, K64)
     assert err <= TOL, f"relative error {err:.3e} > {TOL:.0e}"
@@ -39,6 +40,8 @@ LINEAR_CASES = [
     (1, 4, 3, 5, 0, 5, [0], True),  # n = 1
     (7, 1, 13, 3, 0, 1, [2, 1, 0], True),
     (5, None, 1, 1, 1, None, [0], False),
+    (3, 37, 5, 6, 0, 3, [0, 1], True),  # T >= 16: the CUDA kernel's block-per-pair path
+    (2, 16, 4, 4, 1, 2, [1, 1], False),
 ]
 
 
@@ -64,6 +67,12 @@ def test_linear_gram_tiled_by_small_workspace(device, algorithm, group_dim):
     for ws in (64, 1500, 6000):
         _check_linear(device, A, B, gm, 3, group_dim=group_dim, group_size=2,
                       bias=group_dim == 0, algorithm=algorithm, workspace_bytes=ws)
+    # A caller's reusable workspace: too small for one chunk (a fresh buffer is used), a few
+    # chunks, everything at once; its contents never matter.
+    for numel in (1, 200, 10_000):
+        workspace = torch.full((numel,), float("nan"), device=device)
+        _check_linear(device, A, B, gm, 3, group_dim=group_dim, group_size=2,
+                      bias=group_dim == 0, algorithm=algorithm, workspace=workspace)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -93,6 +102,10 @@ def test_linear_gram_bias_only_and_zero_T(device, algorithm):
     A, B = _rand(n, 3, d_in, device=device), _rand(n, 3, d_out, device=device)
     _check_linear(device, A, B, [0, 1], 2, group_size=3, weight=False, bias=True,
                   algorithm=algorithm)
+    # n = 0: nothing to do, no error.
+    gram.linear_gram_(torch.zeros(2, 0, 0, device=device), _rand(0, 3, d_in, device=device),
+                      _rand(0, 3, d_out, device=device), torch.tensor([0, 1], device=device),
+                      group_size=3, bias=True, algorithm=algorithm)
     # T = 0 contributes nothing: K unchanged.
     K = _rand(2, n, n, device=device)
     before = K.clone()
@@ -100,6 +113,15 @@ def test_linear_gram_bias_only_and_zero_T(device, algorithm):
                       torch.tensor([0, 1], device=device), group_size=3, bias=True,
                       algorithm=algorithm)
     assert torch.equal(K, before)
+
+
+@pytest.mark.parametrize("algorithm", ["ghost", "explicit"])
+def test_linear_gram_non_contiguous_inputs(device, algorithm):
+    # Hooks may hand over transposed or sliced views.
+    n, T, d_in, d_out = 4, 5, 6, 8
+    A = _rand(n, d_in, T, device=device).transpose(1, 2)
+    B = _rand(d_out * 2, n, T, device=device).permute(1, 2, 0)[:, :, ::2]
+    _check_linear(device, A, B, [1, 0], 2, group_size=4, bias=True, algorithm=algorithm)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -121,8 +143,9 @@ def test_linear_gram_auto_picks_cheaper_form_consistently(device):
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])
-def test_embedding_gram_matches_reference(device, padding_idx):
-    n, T, d = 5, 9, 6
+@pytest.mark.parametrize("T", [9, 20])
+def test_embedding_gram_matches_reference(device, padding_idx, T):
+    n, d = 5, 6
     idx = torch.randint(0, 4, (n, T), device=device)  # few ids: many repeats within and across samples
     B = _rand(n, T, d, device=device)
     K = _rand(3, n, n, device=device)
@@ -166,6 +189,9 @@ def test_opcheck(device):
     for algorithm in (1, 2):
         torch.library.opcheck(torch.ops.mat_cuda.linear_gram_,
                               (K, A, B, gm, 0, 2, True, True, 0.5, algorithm, 1 << 20))
+        torch.library.opcheck(torch.ops.mat_cuda.linear_gram_,
+                              (K, A, B, gm, 0, 2, True, True, 0.5, algorithm, 1 << 20,
+                               torch.empty(1000, device=device)))
     idx = torch.randint(0, 3, (n, 4), device=device)
     torch.library.opcheck(torch.ops.mat_cuda.embedding_gram_, (K, idx, B, 1, 0, 1.0, 1 << 20))
     torch.library.opcheck(torch.ops.mat_cuda.sample_gram_,
@@ -194,6 +220,7 @@ BAD_LINEAR = [
     ("bias cols", lambda a: None, {"group_dim": 1, "bias": True, "group_size": 5}, "bias=True needs group_dim=0"),
     ("group_dim", lambda a: None, {"group_dim": 2}, "group_dim must be"),
     ("algorithm", lambda a: None, {"algorithm": "fast"}, "algorithm must be"),
+    ("workspace dtype", lambda a: None, {"workspace": torch.empty(100, dtype=torch.float64)}, "workspace must"),
 ]
 
 
@@ -237,3 +264,22 @@ def test_wrong_device_raises():
     with pytest.raises(RuntimeError, match="A must be on K's device"):
         gram.linear_gram_(K, torch.randn(2, 3, 4), torch.randn(2, 3, 5, device="cuda"),
                           torch.tensor([0], device="cuda"))
+
+
+def test_torch_compile_fullgraph(device):
+    # The wrappers and fake kernels trace without graph breaks (validate=False: the CUDA id
+    # check would read values on the host).
+    def probe(K, A, B, gm, idx, G):
+        gram.linear_gram_(K, A, B, gm, group_size=2, bias=True, validate=False)
+        gram.embedding_gram_(K, idx, B, 0, padding_idx=1)
+        gram.sample_gram_(K, G, gm, group_size=2, validate=False)
+        return K
+
+    n = 3
+    args = (_rand(n, 4, 5, device=device), _rand(n, 4, 6, device=device),
+            torch.tensor([0, 1, -1], device=device), torch.randint(0, 3, (n, 4), device=device),
+            _rand(n, 6, device=device))
+    K, K_eager = torch.zeros(2, n, n, device=device), torch.zeros(2, n, n, device=device)
+    torch.compile(probe, fullgraph=True, backend="aot_eager")(K, *args)
+    probe(K_eager, *args)
+    assert rel_err(K, K_eager) <= TOL

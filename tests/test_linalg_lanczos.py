@@ -79,6 +79,17 @@ def test_lambda_max_n512(device, dtype):
     assert (res.iterations <= 32).all()
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_extreme_scales_float32(device, scale):
+    # Squared norms of such float32 vectors leave float32's range: the kernels take them in
+    # double, so λ stays accurate (a float32 norm would stop Lanczos at step 1 or give NaN).
+    K = psd_with_spectrum(spectrum("separated", 6, 40)) * scale
+    res = linalg.lambda_max(K.to(device, torch.float32), return_vectors=True)
+    err = rel_errors(res.lambdas, lambda_max_reference(K)).max().item()
+    assert err <= GAP_TOL[torch.float32], f"max relative error {err:.3e}"
+    assert (res.iterations > 1).all()
+
+
 def test_zero_matrices_give_zero(device):
     K = torch.zeros(4, 10, 10, device=device)
     res = linalg.lambda_max(K, return_vectors=True, topk=3)

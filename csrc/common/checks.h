@@ -7,9 +7,9 @@
 
 #define MAT_CHECK(cond, ...) TORCH_CHECK(cond, "mat_cuda: ", __VA_ARGS__)
 
-#define CHECK_DEVICE(x, device)                                                      \
-  MAT_CHECK((x).device() == (device), #x " must be on ", (device), ", got ",       \
-            (x).device())
+#define CHECK_DEVICE(x, expected_device)                                             \
+  MAT_CHECK((x).device() == (expected_device), #x " must be on ", (expected_device), \
+            ", got ", (x).device())
 
 #define CHECK_DTYPE(x, dtype)                                                        \
   MAT_CHECK((x).scalar_type() == (dtype), #x " must have dtype ", (dtype), ", got ", \

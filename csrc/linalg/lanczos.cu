@@ -22,21 +22,25 @@ __device__ __forceinline__ S warp_sum(S v) {
 // The thread block as a Lanczos team (interface in lanczos.h). blockDim.x is a multiple of 32.
 template <typename S>
 struct BlockTeam {
-  S* red;  // (32) shared partial sums, one per warp
+  double* red;  // (32) shared partial sums, one per warp
 
   __device__ int rank() const { return threadIdx.x; }
   __device__ int size() const { return blockDim.x; }
   __device__ bool leader() const { return threadIdx.x == 0; }
   __device__ void sync() const { __syncthreads(); }
 
-  __device__ S dot(const S* x, const S* y, int n) const {
-    S v = S(0);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[i] * y[i];
+  // In double: a few per step (α and norms), and squared norms of float32 vectors must
+  // neither overflow nor underflow.
+  __device__ double dot(const S* x, const S* y, int n) const {
+    double v = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      v += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+    }
     v = warp_sum(v);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
     __syncthreads();
     // Every thread sums the per-warp partials in the same order: the same value everywhere.
-    S total = S(0);
+    double total = 0.0;
     const int nwarps = blockDim.x >> 5;
     for (int w = 0; w < nwarps; ++w) total += red[w];
     __syncthreads();  // red is reused by the next reduction
@@ -79,11 +83,11 @@ constexpr int kFlagInts = 4;
 constexpr int kRedSlots = 32;
 
 // Shared memory layout (dynamic, 16-byte aligned): doubles alpha, beta, s (m each), work (5m),
-// ritz, est (kMaxTopk each); S red (32); int flags (4); S w (n), coef (m); [S Q (m·n)];
+// ritz, est (kMaxTopk each), red (32); int flags (4); S w (n), coef (m); [S Q (m·n)];
 // [S K (n·n)].
 size_t base_bytes(int n, int m, size_t elem) {
-  const size_t doubles = (8 * static_cast<size_t>(m) + 2 * kMaxTopk) * sizeof(double);
-  return doubles + kRedSlots * elem + kFlagInts * sizeof(int) + (static_cast<size_t>(n) + m) * elem;
+  const size_t doubles = (8 * static_cast<size_t>(m) + 2 * kMaxTopk + kRedSlots) * sizeof(double);
+  return doubles + kFlagInts * sizeof(int) + (static_cast<size_t>(n) + m) * elem;
 }
 
 template <typename S>
@@ -101,7 +105,7 @@ __global__ void lanczos_kernel(const S* __restrict__ K, const S* __restrict__ v0
   sc.work = sc.s + m;
   sc.ritz = sc.work + 5 * m;
   sc.est = sc.ritz + kMaxTopk;
-  S* red = reinterpret_cast<S*>(sc.est + kMaxTopk);
+  double* red = sc.est + kMaxTopk;
   sc.flags = reinterpret_cast<int*>(red + kRedSlots);
   sc.w = reinterpret_cast<S*>(sc.flags + kFlagInts);
   sc.coef = sc.w + n;

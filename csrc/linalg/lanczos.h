@@ -8,7 +8,9 @@
 // taken by the team leader and read back by all from `LanczosScratch::flags` after a sync, so
 // that all threads follow the same control flow. Team interface:
 //   rank(), size(), leader(), sync()
-//   dot(x, y, n)                  -> x·y, returned to every thread (ends synced)
+//   dot(x, y, n)                  -> x·y accumulated in double (squared norms of float32
+//                                    vectors neither overflow nor underflow), returned to
+//                                    every thread (ends synced)
 //   gemv(A, rows, cols, x, y)     y[r] = A[r,:]·x            (A row-major; ends synced)
 //   sub_combination(Q, rows, n, c, w)   w -= Σ_r c[r] Q[r,:]   (ends synced)
 //   combination(Q, rows, n, s, y)       y = Σ_r s[r] Q[r,:]    (s double; ends synced)
@@ -138,7 +140,7 @@ MAT_HD void lanczos_matrix(Team& t, const S* K, const S* v0, const LanczosOption
   for (int j = 0; j < opt.m; ++j) {
     const S* q = Q + static_cast<int64_t>(j) * n;
     t.gemv(K, n, n, q, w);
-    const S alpha0 = t.dot(q, w, n);
+    const S alpha0 = static_cast<S>(t.dot(q, w, n));
     const S beta_prev = j > 0 ? static_cast<S>(sc.beta[j - 1]) : S(0);
     for (int i = t.rank(); i < n; i += t.size()) {
       S v = w[i] - alpha0 * q[i];

@@ -33,8 +33,13 @@ struct SerialTeam {
   bool leader() const { return true; }
   void sync() const {}
 
+  // A few per step (α and norms, O(n)); the matvecs use dot8 in the input precision.
   template <typename S>
-  S dot(const S* x, const S* y, int n) const { return dot8(x, y, n); }
+  double dot(const S* x, const S* y, int n) const {
+    double acc = 0.0;
+    for (int i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+    return acc;
+  }
 
   template <typename S>
   void gemv(const S* A, int rows, int cols, const S* x, S* y) const {

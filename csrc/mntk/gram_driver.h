@@ -138,15 +138,25 @@ inline void ghost_tiles(const GramKernels& k, at::Tensor& K, const at::Tensor& S
 // R (n, T, dR) float; S (n, T, dS) float.
 inline void explicit_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& R,
                           const at::Tensor& S, const at::Tensor& group_module, int64_t group_size,
-                          double scale, int64_t workspace_bytes) {
+                          double scale, int64_t workspace_bytes, const at::Tensor& workspace) {
   const int64_t n = R.size(0), dR = R.size(2), dS = S.size(2), G = group_module.size(0);
   const int64_t per_col = static_cast<int64_t>(sizeof(float)) * n * std::max<int64_t>(dR, 1);
-  const int64_t cs = std::min(std::max<int64_t>(workspace_bytes / per_col, 1), dS);
+  // Equal chunks (a short last chunk would be an inefficient GEMM).
+  const int64_t max_cs = std::min(std::max<int64_t>(workspace_bytes / per_col, 1), dS);
+  const int64_t num_chunks = (dS + max_cs - 1) / max_cs;
+  const int64_t cs = (dS + num_chunks - 1) / num_chunks;
   const at::Tensor Rt = R.transpose(1, 2);  // (n, dR, T)
+  // One scratch buffer for every chunk's per-sample gradients: the caller's reusable workspace
+  // when it is large enough (a fresh CPU allocation of this size costs page faults on each
+  // call, about half the GEMM time at BERT-base sizes), else one allocation for this call.
+  const at::Tensor scratch = workspace.defined() && workspace.numel() >= n * dR * cs
+                                 ? workspace
+                                 : at::empty({n * dR * cs}, R.options());
   at::Tensor acc = at::zeros({G, n, n}, R.options());
   for (int64_t c0 = 0; c0 < dS; c0 += cs) {
     const int64_t cw = std::min(cs, dS - c0);
-    const at::Tensor g = at::bmm(Rt, S.narrow(2, c0, cw));  // (n, dR, cw)
+    at::Tensor g = scratch.narrow(0, 0, n * dR * cw).view({n, dR, cw});
+    at::bmm_out(g, Rt, S.narrow(2, c0, cw));  // per-sample gradient columns c0..c0+cw
     const at::Tensor gg = g.view({n, G, group_size * cw}).transpose(0, 1);  // (G, n, gs·cw)
     acc.baddbmm_(gg, gg.transpose(1, 2));
   }
@@ -162,12 +172,18 @@ inline void bias_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& R,
                  scale);
 }
 
-// Estimated multiply-adds of each form (DESIGN.md cost model). The ghost form computes only
-// upper-triangle tiles (about half of the n·T x n·T Grams); the explicit one forms n·T·dS·dR
-// per-sample gradient entries and an n² Gram over dS·dR of them.
-inline bool ghost_is_cheaper(int64_t n, int64_t T, int64_t dS, int64_t dR) {
+// Estimated multiply-adds of each form (DESIGN.md cost model). The ghost form computes the
+// upper-triangle tiles of its sample-block tiling (all of the n·T x n·T Grams when one tile
+// holds every sample, about half with many tiles): two Grams over dS + dR features plus one
+// Hadamard reduction per group. The explicit one forms n·T·dS·dR per-sample gradient entries
+// and an n² Gram over dS·dR of them.
+inline bool ghost_is_cheaper(int64_t n, int64_t T, int64_t dS, int64_t dR, int64_t G,
+                             int64_t workspace_bytes) {
   const double nT = static_cast<double>(n) * static_cast<double>(T);
-  const double ghost = 0.5 * nT * nT * static_cast<double>(dS + dR + 1);
+  const int64_t rb = tile_samples(workspace_bytes, G, T, n);
+  const double blocks = static_cast<double>((n + rb - 1) / rb);
+  const double tiled_fraction = (blocks + 1.0) / (2.0 * blocks);
+  const double ghost = tiled_fraction * nT * nT * static_cast<double>(dS + dR + G);
   const double expl = static_cast<double>(n) * static_cast<double>(T + n) *
                       static_cast<double>(dS) * static_cast<double>(dR);
   return ghost < expl;
@@ -178,7 +194,8 @@ inline bool ghost_is_cheaper(int64_t n, int64_t T, int64_t dS, int64_t dR) {
 inline void linear_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& A,
                         const at::Tensor& B, const at::Tensor& group_module, int64_t group_dim,
                         int64_t group_size, bool weight, bool bias, double scale,
-                        int64_t algorithm, int64_t workspace_bytes) {
+                        int64_t algorithm, int64_t workspace_bytes,
+                        const std::optional<at::Tensor>& workspace) {
   MAT_CHECK(A.dim() == 2 || A.dim() == 3, "A must have shape (n, T, d_in) or (n, d_in), got ",
             A.sizes());
   MAT_CHECK(B.dim() == A.dim(), "B must have as many dimensions as A (", A.dim(), "), got shape ",
@@ -200,6 +217,12 @@ inline void linear_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& A
   MAT_CHECK(algorithm >= 0 && algorithm <= 2, "algorithm must be 0 (auto), 1 (ghost) or 2 "
             "(explicit), got ", algorithm);
   MAT_CHECK(workspace_bytes > 0, "workspace_bytes must be positive, got ", workspace_bytes);
+  if (workspace.has_value()) {
+    check_same_device(*workspace, K, "workspace");
+    MAT_CHECK(workspace->scalar_type() == at::kFloat && workspace->dim() == 1 &&
+              workspace->is_contiguous(), "workspace must be a contiguous 1-D float32 tensor, "
+              "got dtype ", workspace->scalar_type(), " and shape ", workspace->sizes());
+  }
   const at::Tensor A3 = as_3d(A), B3 = as_3d(B);
   // Normalise: R is the grouped factor, S the shared one; group g's gradient slice is
   // R_i^gᵀ S_i (the transpose of the weight's slice when group_dim = 1: same Gram).
@@ -218,14 +241,18 @@ inline void linear_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& A
   const at::Tensor S = to_float_contiguous(S3);  // (n, T, dS)
   const auto algo = static_cast<GramAlgorithm>(algorithm);
   const bool ghost = algo == GramAlgorithm::kGhost ||
-                     (algo == GramAlgorithm::kAuto && ghost_is_cheaper(n, T, dS, dR));
+                     (algo == GramAlgorithm::kAuto &&
+                      ghost_is_cheaper(n, T, dS, dR, G, workspace_bytes));
   if (ghost) {
     const at::Tensor Rg = G == 1 ? R.view({1, n * T, dR})
                                  : R.view({n * T, G, group_size}).permute({1, 0, 2}).contiguous();
     ghost_tiles(k, K, S.view({n * T, dS}), at::Tensor(), Rg, group_module, n, T, scale,
                 workspace_bytes);
   } else {
-    explicit_gram(k, K, R, S, group_module, group_size, scale, workspace_bytes);
+    // A given workspace's size is the explicit form's memory bound.
+    const at::Tensor ws = workspace.has_value() ? *workspace : at::Tensor();
+    explicit_gram(k, K, R, S, group_module, group_size, scale,
+                  ws.defined() ? std::max<int64_t>(ws.numel() * 4, 4) : workspace_bytes, ws);
   }
 }
 

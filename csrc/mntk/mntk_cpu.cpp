@@ -41,9 +41,9 @@ const GramKernels kCpuKernels{hadamard_block_sum_cpu, scatter_tile_cpu};
 void linear_gram_cpu(at::Tensor K, const at::Tensor& A, const at::Tensor& B,
                      const at::Tensor& group_module, int64_t group_dim, int64_t group_size,
                      bool weight, bool bias, double scale, int64_t algorithm,
-                     int64_t workspace_bytes) {
+                     int64_t workspace_bytes, const std::optional<at::Tensor>& workspace) {
   linear_gram(kCpuKernels, K, A, B, group_module, group_dim, group_size, weight, bias, scale,
-              algorithm, workspace_bytes);
+              algorithm, workspace_bytes, workspace);
 }
 
 void embedding_gram_cpu(at::Tensor K, const at::Tensor& indices, const at::Tensor& B,

@@ -36,10 +36,10 @@ const GramKernels kCudaKernels{hadamard_block_sum_cuda, scatter_tile_cuda};
 void linear_gram_cuda(at::Tensor K, const at::Tensor& A, const at::Tensor& B,
                       const at::Tensor& group_module, int64_t group_dim, int64_t group_size,
                       bool weight, bool bias, double scale, int64_t algorithm,
-                      int64_t workspace_bytes) {
+                      int64_t workspace_bytes, const std::optional<at::Tensor>& workspace) {
   const c10::cuda::CUDAGuard guard(K.device());
   linear_gram(kCudaKernels, K, A, B, group_module, group_dim, group_size, weight, bias, scale,
-              algorithm, workspace_bytes);
+              algorithm, workspace_bytes, workspace);
 }
 
 void embedding_gram_cuda(at::Tensor K, const at::Tensor& indices, const at::Tensor& B,
