@@ -31,8 +31,15 @@ def _progress(total: int, desc: str, enabled: bool):
     try:
         from tqdm import tqdm
     except ImportError:
+        if not _progress.warned:
+            print("mat-bench train: tqdm is not installed, so no progress bars "
+                  "(pip install tqdm)")
+            _progress.warned = True
         return None
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+_progress.warned = False
 
 
 def _sync(device: str) -> None:
