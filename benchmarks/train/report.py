@@ -240,11 +240,17 @@ def _lambda_heatmap(plt, task, runs, out) -> list:
     cols = [i for i, k in enumerate(kinds) if k == "head"] or list(range(len(kinds)))
     import numpy as np
     lam = np.array([[row[i] for i in cols] for row in hist["lam"]], dtype=float)
+    from matplotlib.colors import LogNorm
+
+    # λ spans orders of magnitude over training (it grows as the model learns): log colours.
+    positive = lam[lam > 0]
+    norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max()) \
+        if positive.size else None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    im = ax.imshow(lam.T, aspect="auto", origin="lower", interpolation="nearest",
+    im = ax.imshow(lam.T, aspect="auto", origin="lower", interpolation="nearest", norm=norm,
                    extent=(hist["step"][0], hist["step"][-1], -0.5, len(cols) - 0.5)
                    if len(hist["step"]) > 1 else None)
-    fig.colorbar(im, ax=ax, label="λ_max")
+    fig.colorbar(im, ax=ax, label="λ_max (log scale)")
     ax.set_xlabel("step")
     ax.set_ylabel("head (module order)")
     ax.set_title(f"{task}: λ per head (MAT, seed {r['seed']})")
