@@ -17,9 +17,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mat_cuda.discovery import discover
 from mat_cuda.models import BertEncoderMLM, mlm_loss
 from mat_cuda.nn import Skipper
-from mat_cuda.nn.bert_specs import bert_module_split
 
 from .timing import time_fn
 
@@ -46,8 +46,9 @@ def _setup(cfg: dict, device: str, mode: str | None):
     torch.manual_seed(0)
     model = BertEncoderMLM(cfg["vocab"], hidden=cfg["hidden"], layers=cfg["layers"], heads=cfg["heads"],
                            ffn=cfg["ffn"], max_len=cfg["t"]).to(device)
-    mm, attns, ffns = bert_module_split(model)
-    skipper = Skipper(mm, attns, ffns, mode=mode) if mode is not None else None
+    found = discover(model)
+    mm = found.module_map
+    skipper = Skipper.from_discovery(found, mode=mode) if mode is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, cfg["vocab"], (cfg["n"], cfg["t"]), device=device)
     labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, torch.full_like(ids, -100))

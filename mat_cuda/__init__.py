@@ -21,9 +21,8 @@ __all__ = [
     # kernels and their wrappers
     "MaskedAdamW", "MaskedSGD", "ModuleMap", "linalg", "lambda_max",
     "linear_gram_", "embedding_gram_", "sample_gram_", "MNTKProbe",
-    # MAT building blocks
+    # MAT and its building blocks
+    "MAT",
     "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
     "AttentionSpec", "Discovery", "FFNSpec", "discover", "resolve_modules", "Skipper",
-    # the controller
-    "MAT",
 ]

@@ -1,7 +1,8 @@
 """MAT trains Hugging Face models end to end (tiny configs, no weights downloaded).
 
-HF attention blocks are not converted by the Skipper (their heads are masked by the optimizer
-only, listed in report()["unskipped_modules"]); FFN blocks are skipped by requires_grad.
+HF attention blocks are converted by the Skipper (frozen heads' dW and, in detach mode, dX
+through their projections are skipped; see docs/discovery.md); FFN blocks are skipped by
+requires_grad.
 Skipped without transformers.
 """
 import pytest

@@ -12,7 +12,7 @@ from mat_cuda.models import BertEncoderMLM, VGGNet, mlm_loss
 from mat_cuda.modules import ModuleMap
 from mat_cuda.nn import (Skipper, active_cols_linear, active_rows_linear, col_grouped_linear,
                          convert_attention, row_grouped_linear)
-from mat_cuda.nn.bert_specs import bert_module_split
+from mat_cuda.discovery import discover
 
 from helpers import assert_close_rel
 
@@ -158,6 +158,12 @@ def _bert(device, qkv="separate", dtype=torch.float64):
                           qkv=qkv).to(device=device, dtype=dtype)
 
 
+def _split(model):
+    """Module discovery's split: (module_map, attention specs, FFN specs)."""
+    d = discover(model)
+    return d.module_map, d.attentions, d.ffns
+
+
 def _batch(device, n=3, t=9):
     ids = torch.randint(0, 50, (n, t), device=device)
     amask = torch.ones(n, t, dtype=torch.bool, device=device)
@@ -187,7 +193,7 @@ def _grads(model):
 def test_converted_forward_unchanged(device, qkv, mode, dtype):
     model = _bert(device, qkv, dtype)
     ref = copy.deepcopy(model)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode=mode)
     skipper.set_mask(_random_mask(mm, 0.5))
     ids, amask, _ = _batch(device)
@@ -199,7 +205,7 @@ def test_converted_forward_unchanged(device, qkv, mode, dtype):
 def test_all_active_gradients_equal_unconverted(device, qkv):
     model = _bert(device, qkv)
     ref = copy.deepcopy(model)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode="detach")
     skipper.set_mask(torch.ones(mm.num_modules, dtype=torch.bool))
     ids, amask, labels = _batch(device)
@@ -270,7 +276,7 @@ def _check_head_grads(model, ref_grads, attns, frozen_heads):
 def test_detach_mode_grads_equal_detached_reference(device, qkv):
     model = _bert(device, qkv)
     ref = copy.deepcopy(model)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode="detach")
     mask = _random_mask(mm, 0.5, gen_seed=3)
     mask[mm.modules_of_kind("head")[4:8]] = False  # one layer with every head frozen
@@ -293,7 +299,7 @@ def test_detach_mode_grads_equal_detached_reference(device, qkv):
 def test_exact_mode_keeps_dx_exact(device, qkv):
     model = _bert(device, qkv)
     ref = copy.deepcopy(model)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode="exact")
     mask = _random_mask(mm, 0.5, gen_seed=5)
     skipper.set_mask(mask)
@@ -320,7 +326,7 @@ def test_exact_mode_keeps_dx_exact(device, qkv):
 @pytest.mark.parametrize("mode", ["detach", "exact"])
 def test_step_flops_fall_with_frozen_fraction(mode):
     model = _bert("cpu", dtype=torch.float32)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode=mode)
     ids, amask, labels = _batch("cpu", n=4, t=12)
     flops = []
@@ -335,7 +341,7 @@ def test_frozen_heads_dw_flops_counted_exactly():
     """One converted attention block: backward FLOPs of each projection's dW match the active count."""
     torch.manual_seed(0)
     model = BertEncoderMLM(vocab_size=20, hidden=32, layers=1, heads=4, ffn=16, max_len=8)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     attn = model.layers[0].attn
     x = torch.randn(2, 8, 32)  # no grad to x: only weight gradients and the attention backward
     res = {}
@@ -362,7 +368,7 @@ def test_frozen_heads_dw_flops_counted_exactly():
 
 def test_whole_modules_requires_grad_toggled_and_probe_mode():
     model = _bert("cpu")
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     model.embeddings.positions.weight.requires_grad_(False)  # frozen by the user: stays frozen
     skipper = Skipper(mm, attns, ffns)
     mask = torch.ones(mm.num_modules, dtype=torch.bool)
@@ -383,7 +389,7 @@ def test_whole_modules_requires_grad_toggled_and_probe_mode():
 def test_nothing_below_lowest_active_module():
     """Frozen embeddings and a frozen lowest layer: no GEMM runs for layer 0's backward."""
     model = _bert("cpu", dtype=torch.float32)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode="detach")
     ids, amask, labels = _batch("cpu")
     mask = torch.ones(mm.num_modules, dtype=torch.bool)
@@ -404,7 +410,7 @@ def test_nothing_below_lowest_active_module():
 def test_probe_mode_runs_unconverted_model():
     model = _bert("cpu")
     ref = copy.deepcopy(model)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode="detach")
     skipper.set_mask(_random_mask(mm, 0.75))
     ids, amask, labels = _batch("cpu")
@@ -421,7 +427,7 @@ def test_probe_mode_runs_unconverted_model():
 
 def test_set_mask_bad_input_changes_nothing():
     model = _bert("cpu")
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns)
     good = _random_mask(mm, 0.5)
     skipper.set_mask(good)
@@ -445,9 +451,12 @@ def test_convert_errors_and_restore():
     with pytest.raises(ValueError, match="head_modules"):
         convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1],
                           q=attn.q, k=attn.k, v=attn.v)
-    with pytest.raises(NotImplementedError, match="hf_gpt2"):
+    with pytest.raises(NotImplementedError, match="packed_linear"):
         convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1, 2, 3],
-                          style="hf_gpt2")
+                          style="packed_linear")
+    with pytest.raises(ValueError, match="hf_gpt2"):  # GPT-2 needs the packed c_attn
+        convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1, 2, 3],
+                          style="hf_gpt2", q=attn.q, k=attn.k, v=attn.v)
     params = [id(p) for p in model.parameters()]
     conv = convert_attention(attn, num_heads=4, head_dim=6, o=attn.o, head_modules=[0, 1, 2, 3],
                              q=attn.q, k=attn.k, v=attn.v)
@@ -458,15 +467,15 @@ def test_convert_errors_and_restore():
     assert set(model.state_dict()) == set(copy.deepcopy(model).state_dict())
     conv.restore()
     assert "forward" not in vars(attn)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     attns[1].head_modules = [0, 1, 2, mm.num_modules]
     with pytest.raises(ValueError, match="not module ids"):
         Skipper(mm, attns, ffns)
     assert all("forward" not in vars(a.block) for a in attns)  # nothing left converted
     # A style that is not converted: an error, or with strict=False left as it is and reported.
-    mm, attns, ffns = bert_module_split(model)
-    attns[0].style = "hf_bert"
-    with pytest.raises(NotImplementedError, match="hf_bert"):
+    mm, attns, ffns = _split(model)
+    attns[0].style = "separate_linear"
+    with pytest.raises(NotImplementedError, match="separate_linear"):
         Skipper(mm, attns, ffns)
     sk = Skipper(mm, attns, ffns, strict=False)
     assert sk.unconverted == ["layers.0.attn"] and "forward" not in vars(attns[0].block)
@@ -538,7 +547,7 @@ def test_training_step_does_not_sync(device):
     if device != "cuda":
         pytest.skip("host synchronisation is observable on CUDA only")
     model = _bert(device, "packed", torch.float32)
-    mm, attns, ffns = bert_module_split(model)
+    mm, attns, ffns = _split(model)
     skipper = Skipper(mm, attns, ffns, mode="detach")
     skipper.set_mask(_random_mask(mm, 0.5).to(device))  # the mask update may read the mask
     ids, amask, labels = _batch(device)

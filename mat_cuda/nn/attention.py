@@ -2,7 +2,8 @@
 
 :func:`convert_attention` replaces the block's ``forward`` (an instance attribute; the block's
 parameters, submodules and state_dict are untouched, so an optimizer holding them is unaffected)
-with one that, while some heads are frozen:
+with one that, while some heads are frozen (styles ``mat_bert`` and ``torch_mha``; the HF styles
+keep HF's forward and replace the projections' ``forward`` instead, see the end):
 
 - computes the Q/K/V (or packed QKV) projection with the full weight in one GEMM (forward
   unchanged) through :func:`row_grouped_linear`, whose backward computes dW and db only for the
@@ -34,10 +35,29 @@ Styles (the AttentionSpec ``style`` of module discovery):
   While heads are frozen only self-attention (query is key is value) with ``need_weights=False``
   is supported (what ``nn.TransformerEncoderLayer`` calls); anything else raises a clear error.
 
-Not converted: HF architectures (``hf_bert``, ``hf_gpt2`` with Conv1D, ``hf_vit``): a clear error.
+- ``"hf_bert"`` (HF BERT/RoBERTa: ``BertAttention`` with self.query/key/value ``nn.Linear``,
+  output.dense as W_O), ``"hf_vit"`` (HF ViT: q_proj/k_proj/v_proj/o_proj ``nn.Linear``),
+  ``"hf_gpt2"`` (``GPT2Attention``: c_attn Conv1D with weight (d, 3·H·d_h), a head's Q/K/V are
+  COLUMN groups; c_proj Conv1D with weight (H·d_h, d), a head's W_O slice is ROWS). HF's own
+  attention forward runs unchanged (eager, sdpa, whatever the config selects); only the
+  projection submodules' ``forward`` is replaced, by the grouped linears above (a Conv1D
+  y = x W + b is the linear with weight Wᵀ). While heads are frozen:
+
+  * both modes: dW (and the Q/K/V bias gradient) of frozen heads is not computed;
+  * ``detach``: W_O's dX is computed for the active heads' columns only, so the frozen heads'
+    attention context gets zero gradient (the model with the frozen heads' context detached,
+    which for the attention of these styles equals detaching their Q/K/V), and the Q/K/V
+    projections' dX uses the active heads' rows only. What is NOT saved for HF blocks: the
+    attention-core backward of frozen heads still runs (on zero gradients), since HF's fused
+    attention call is not split by heads here;
+  * ``exact``: dX is the unconverted model's.
+
+Other styles (``separate_linear``, ``packed_linear``: attention blocks of unknown code) are not
+converted: a clear error (or left as they are with ``Skipper(strict=False)``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -46,11 +66,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._structure import is_conv1d_transposed
 from .grouped_linear import (active_cols_linear, active_rows_linear, col_grouped_linear,
                              row_grouped_linear)
 
 MODES = ("detach", "exact")
-STYLES = ("mat_bert", "torch_mha")
+HF_STYLES = ("hf_bert", "hf_vit", "hf_gpt2")
+STYLES = ("mat_bert", "torch_mha") + HF_STYLES
 
 
 @dataclass
@@ -90,7 +112,7 @@ class HeadGroups:
 def _linear_weight(m: nn.Module, what: str, rows: int) -> None:
     if not isinstance(m, nn.Linear):
         raise TypeError(f"convert_attention: {what} must be an nn.Linear, got {type(m).__name__} "
-                        "(HF Conv1D projections are not supported)")
+                        "(for HF Conv1D projections use style 'hf_gpt2')")
     if m.weight.shape[0] != rows:
         raise ValueError(f"convert_attention: {what}.weight has {m.weight.shape[0]} rows, "
                          f"expected {rows} (num_heads · head_dim)")
@@ -111,16 +133,20 @@ class ConvertedAttention:
         if "forward" in vars(block):
             raise ValueError(f"convert_attention: {type(block).__name__} is already converted "
                              "(its forward is replaced); restore() it first")
-        _linear_weight(o, "o", o.weight.shape[0])
-        if o.weight.shape[1] != num_heads * head_dim:
-            raise ValueError(f"convert_attention: o.weight has {o.weight.shape[1]} columns, "
-                             f"expected {num_heads * head_dim} (num_heads · head_dim)")
+        self._check_out_projection(o, num_heads * head_dim)
         self.block, self.style, self.o = block, style, o
         self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode
         self.head_modules = [int(m) for m in head_modules]
         self.groups: Optional[HeadGroups] = None  # None: every head active
         self.probing = False
         block.forward = self.forward
+
+    @staticmethod
+    def _check_out_projection(o: nn.Module, width: int) -> None:
+        _linear_weight(o, "o", o.weight.shape[0])
+        if o.weight.shape[1] != width:
+            raise ValueError(f"convert_attention: o.weight has {o.weight.shape[1]} columns, "
+                             f"expected {width} (num_heads · head_dim)")
 
     def set_active(self, active_heads: Sequence[bool], probing: bool = False) -> None:
         """Host-side update at a mask change: active_heads[h] says whether head h trains.
@@ -141,12 +167,18 @@ class ConvertedAttention:
     def original_forward(self, *args, **kwargs):
         return type(self.block).forward(self.block, *args, **kwargs)
 
-    def forward(self, *args, **kwargs):
+    def current_groups(self) -> Optional[HeadGroups]:
+        """The active heads' index tensors for this forward, or None: run as unconverted."""
         if self.groups is None or self.probing:
-            return self.original_forward(*args, **kwargs)
+            return None
         if self.groups.device != self.o.weight.device:  # the model moved since the mask update
             active = [h in self.groups.active_list for h in range(self.num_heads)]
             self.groups = HeadGroups.build(active, self.head_dim, self.o.weight.device)
+        return self.groups
+
+    def forward(self, *args, **kwargs):
+        if self.current_groups() is None:
+            return self.original_forward(*args, **kwargs)
         return self.partial_forward(*args, **kwargs)
 
     def partial_forward(self, *args, **kwargs):
@@ -293,6 +325,88 @@ class _TorchMHA(ConvertedAttention):
         return (out if blk.batch_first else out.transpose(0, 1)), None
 
 
+def _weight_rows(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight as (d_out, d_in), bias) of an nn.Linear, or of a GPT-2 Conv1D (its weight is
+    (d_in, d_out): the transposed view; autograd transposes its gradient back)."""
+    return (m.weight.t() if is_conv1d_transposed(m) else m.weight), m.bias
+
+
+def _projection(m: Optional[nn.Module], what: str, rows: int) -> nn.Module:
+    """Check an HF projection: nn.Linear or Conv1D with ``rows`` outputs."""
+    if m is None or not (isinstance(m, nn.Linear) or is_conv1d_transposed(m)):
+        raise TypeError(f"convert_attention: {what} must be an nn.Linear or HF Conv1D, "
+                        f"got {type(m).__name__}")
+    d_out = _weight_rows(m)[0].shape[0]
+    if d_out != rows:
+        raise ValueError(f"convert_attention: {what} has {d_out} outputs, expected {rows} "
+                         "(num_heads · head_dim, times 3 if packed)")
+    if "forward" in vars(m):
+        raise ValueError(f"convert_attention: {what} ({type(m).__name__}) is already converted")
+    return m
+
+
+class _HFProjections(ConvertedAttention):
+    """HF BERT/RoBERTa, ViT, GPT-2 blocks: HF's forward runs, the projections are grouped.
+
+    The block's ``forward`` is replaced by a pass-through (the marker of a converted block);
+    q, k, v (or the packed qkv) and o get a ``forward`` instance attribute that calls
+    :func:`row_grouped_linear` / :func:`col_grouped_linear` while heads are frozen and the
+    module's class forward otherwise (all heads active, or probing)."""
+
+    def __init__(self, block, style, num_heads, head_dim, o, head_modules, mode, q, k, v, qkv):
+        width = num_heads * head_dim
+        if style == "hf_gpt2":
+            if qkv is None or any(m is not None for m in (q, k, v)):
+                raise ValueError("convert_attention: style 'hf_gpt2' needs the packed qkv (c_attn) "
+                                 "and no q, k, v")
+            self.inputs = [(_projection(qkv, "qkv", 3 * width), True)]
+        else:
+            if qkv is not None or any(m is None for m in (q, k, v)):
+                raise ValueError(f"convert_attention: style {style!r} needs q, k and v and no qkv")
+            self.inputs = [(_projection(m, n, width), False) for n, m in (("q", q), ("k", k), ("v", v))]
+        if "forward" in vars(o):
+            raise ValueError(f"convert_attention: o ({type(o).__name__}) is already converted")
+        super().__init__(block, style, num_heads, head_dim, o, head_modules, mode)
+        for m, packed in self.inputs:
+            m.forward = functools.partial(self._in_forward, m, packed)
+        o.forward = self._out_forward
+
+    @staticmethod
+    def _check_out_projection(o: nn.Module, width: int) -> None:
+        if not (isinstance(o, nn.Linear) or is_conv1d_transposed(o)):
+            raise TypeError(f"convert_attention: o must be an nn.Linear or HF Conv1D, got {type(o).__name__}")
+        d_in = _weight_rows(o)[0].shape[1]
+        if d_in != width:
+            raise ValueError(f"convert_attention: o has {d_in} inputs, expected {width} "
+                             "(num_heads · head_dim)")
+
+    def forward(self, *args, **kwargs):
+        return self.original_forward(*args, **kwargs)
+
+    def restore(self) -> None:
+        for m, _ in self.inputs:
+            vars(m).pop("forward", None)
+        vars(self.o).pop("forward", None)
+        super().restore()
+
+    def _in_forward(self, m: nn.Module, packed: bool, x: torch.Tensor) -> torch.Tensor:
+        # x (..., d) -> (..., H·d_h) or packed (..., 3·H·d_h); the same numbers as m(x).
+        g = self.current_groups()
+        if g is None:
+            return type(m).forward(m, x)
+        w, b = _weight_rows(m)
+        rows = g.rows3 if packed else g.rows
+        return row_grouped_linear(x, w, b, rows, rows if self.mode == "detach" else None)
+
+    def _out_forward(self, ctx: torch.Tensor) -> torch.Tensor:
+        # ctx (..., H·d_h): the heads' attention context -> (..., d).
+        g = self.current_groups()
+        if g is None:
+            return type(self.o).forward(self.o, ctx)
+        w, b = _weight_rows(self.o)
+        return col_grouped_linear(ctx, w, b, g.rows, g.rows if self.mode == "detach" else None)
+
+
 def _mha_mask(key_padding_mask, attn_mask, n, h, t, dtype):
     """MHA's key_padding_mask (n, S) and attn_mask (T, S) | (n·H, T, S), bool (True = masked) or
     additive float, merged into one additive float mask (n, 1|H, T, S), or None."""
@@ -320,12 +434,15 @@ def convert_attention(block: nn.Module, *, num_heads: int, head_dim: int, o: nn.
     block: the attention module; num_heads, head_dim: its head layout; q, k, v (separate
     ``nn.Linear`` (H·d_h → …) each) or qkv (packed ``nn.Linear``, rows [Q; K; V]); o: output
     ``nn.Linear`` (columns of head h = h·d_h … (h+1)·d_h); head_modules: ModuleMap id of head h;
-    style: ``"mat_bert"`` or ``"torch_mha"``; mode: ``"detach"`` or ``"exact"``.
+    style: one of :data:`STYLES` (for ``"hf_gpt2"`` qkv and o are Conv1D); mode: ``"detach"``
+    or ``"exact"``.
     Returns the :class:`ConvertedAttention` handle (all heads active until ``set_active``).
     """
     if style == "mat_bert":
         return _MatBertAttention(block, num_heads, head_dim, o, head_modules, mode, q, k, v, qkv)
     if style == "torch_mha":
         return _TorchMHA(block, num_heads, head_dim, o, head_modules, mode)
+    if style in HF_STYLES:
+        return _HFProjections(block, style, num_heads, head_dim, o, head_modules, mode, q, k, v, qkv)
     raise NotImplementedError(f"convert_attention: style {style!r} is not converted (supported: "
                               f"{STYLES}); its heads are skipped by the optimizer only")

@@ -9,7 +9,9 @@
 
 - Heads (row/column groups of attention projections): the attention blocks are converted in
   place (:func:`mat_cuda.nn.attention.convert_attention`); frozen heads' dW is not computed, and
-  in ``detach`` mode neither is their dX nor their attention backward.
+  in ``detach`` mode neither is their projections' dX nor (mat_bert, torch_mha) their attention
+  backward; HF blocks (hf_bert, hf_vit, hf_gpt2) still run the frozen heads' attention backward,
+  on zero gradients.
 - Whole-tensor modules (FFN blocks, experts, conv layers, embeddings): ``requires_grad`` is
   toggled (:class:`mat_cuda.nn.whole.WholeModuleSkipper`); FFN blocks' inputs are detached while
   frozen in ``detach`` mode.
@@ -47,11 +49,14 @@ class Skipper:
 
     module_map: the ModuleMap whose module ids the mask indexes (M modules);
     attentions: AttentionSpec-like objects, converted in place now;
-    ffns: FFNSpec-like objects; each ``block`` must be the residual branch itself (its output is
-    added to its input), since its input is detached while frozen in ``detach`` mode;
+    ffns: FFNSpec-like objects (``module``, and ``linears`` (input projection(s) first, output
+    projection last) or else ``block``); while frozen in ``detach`` mode the inputs of its input
+    projections (all linears but the last) are detached, so the gradient passes the block by
+    its residual path only (for a spec without linears, ``block``'s inputs: it must then be the
+    residual branch itself);
     mode: ``"detach"`` (default) or ``"exact"``;
-    strict: True (default) raises for an attention block whose style is not converted (HF
-    architectures); False leaves such blocks as they are (their heads are then listed in
+    strict: True (default) raises for an attention block whose style is not converted
+    (``separate_linear``, ``packed_linear``: blocks of unknown code); False leaves such blocks as they are (their heads are then listed in
     :attr:`unskipped_modules` and :attr:`unconverted`: masked by the optimizer, no compute saved).
     Every module is active until :meth:`set_mask`.
     """
@@ -84,7 +89,7 @@ class Skipper:
                     b.restore()
                 raise ValueError(f"Skipper: head_modules {bad} of {type(a.block).__name__} are not "
                                  f"module ids of the map (0 .. {m - 1})")
-        self.whole = WholeModuleSkipper(module_map, {int(f.module): f.block for f in ffns}, mode)
+        self.whole = WholeModuleSkipper(module_map, {int(f.module): _ffn_inputs(f) for f in ffns}, mode)
         self._active = [True] * module_map.num_modules
         self._probing = False
 
@@ -150,3 +155,12 @@ class Skipper:
         for a in self.attentions:
             a.set_active([self._active[m] for m in a.head_modules], probing=self._probing)
         self.whole.set_active(self._active, probing=self._probing)
+
+
+def _ffn_inputs(ffn) -> list:
+    """The layers whose inputs are detached while the FFN block is frozen (detach mode).
+
+    The input projections, not the block: discovery may describe an FFN by the whole transformer
+    layer (HF BERT's BertLayer), whose input also feeds the attention and the residual path."""
+    linears = list(getattr(ffn, "linears", None) or [])
+    return linears[:-1] if len(linears) >= 2 else [ffn.block]

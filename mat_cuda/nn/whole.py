@@ -5,8 +5,9 @@ weight gradient for them, and no gradient at all below the lowest module (or sha
 that still needs one. Only parameters that required grad when the skipper was built are toggled
 (a parameter the user froze stays frozen, also while probing).
 
-Blocks that sit on a residual branch (FFN blocks, experts: ``detach_blocks``) additionally get
-their input detached while frozen in ``detach`` mode, so their dX is not computed either (the
+Blocks that sit on a residual branch (FFN blocks, experts: ``detach_blocks``, given by their
+input layers) additionally get their input detached while frozen in ``detach`` mode, so their dX
+is not computed either (the
 gradient reaches the layers below through the residual path only, as in the paper's partial
 back-propagation). In ``exact`` mode their dX is computed, so the gradient below is exact.
 Conv layers and embeddings on the main path are never detached: that would cut off the
@@ -14,7 +15,7 @@ gradient of every active module below them.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,11 +27,11 @@ class WholeModuleSkipper:
     """Toggles ``requires_grad`` of whole-tensor modules and detaches frozen residual blocks.
 
     module_map: the ModuleMap (parameters with the ``whole`` layout are handled here);
-    detach_blocks: module id -> the nn.Module whose inputs are detached while that module is
-    frozen (``detach`` mode only); mode: ``"detach"`` or ``"exact"``.
+    detach_blocks: module id -> the nn.Module, or a list of them, whose inputs are detached while
+    that module is frozen (``detach`` mode only); mode: ``"detach"`` or ``"exact"``.
     """
 
-    def __init__(self, module_map: ModuleMap, detach_blocks: Mapping[int, nn.Module] | None = None,
+    def __init__(self, module_map: ModuleMap, detach_blocks: Mapping[int, Union[nn.Module, Sequence[nn.Module]]] | None = None,
                  mode: str = "detach"):
         self.mode = mode
         self.params: dict[int, list[torch.Tensor]] = {}
@@ -40,9 +41,10 @@ class WholeModuleSkipper:
                 self.params.setdefault(lay.module, []).append(p)
         self._detaching: set[int] = set()  # module ids whose block input is detached now
         self._hooks = []
-        for mid, block in (detach_blocks or {}).items():
-            self._hooks.append(block.register_forward_pre_hook(self._make_hook(int(mid)),
-                                                               with_kwargs=True))
+        for mid, blocks in (detach_blocks or {}).items():
+            for block in (blocks if isinstance(blocks, (list, tuple)) else [blocks]):
+                self._hooks.append(block.register_forward_pre_hook(self._make_hook(int(mid)),
+                                                                   with_kwargs=True))
 
     def _make_hook(self, mid: int):
         def hook(module, args, kwargs):
