@@ -2,7 +2,10 @@
 
 Subcommands:
   kernels   kernel micro-benchmarks against their PyTorch baselines, on every available device
-  all       everything that is built (`--quick` for the small sizes CI and the quick start use)
+  train     end-to-end training: baseline vs MAT vs random / gradnorm selection vs freeze_all
+            controls, on mlm / cnn / moe tasks (see benchmarks/train/)
+  all       every kernel benchmark and every task and method (`--quick`: the small sizes CI and
+            the quick start use, under 5 minutes on 2 CPU cores)
 
 Each kernel benchmark is a module ``benchmarks/bench_<name>.py`` with
 ``run(devices: list[str], quick: bool) -> dict`` returning
@@ -47,19 +50,27 @@ def _out_dir(path: str | None) -> str:
     return path
 
 
-def run_kernels(names: list[str] | None, quick: bool, devices: list[str] | None) -> list[dict]:
-    from .timing import devices as available_devices, markdown_table
+def _check_kernel_names(names: list[str] | None) -> dict:
+    """The kernel benchmark modules to run (all built ones when ``names`` is None)."""
+    from .train.cli import UsageError
 
     benches = _available_kernel_benches()
     if names:
         unknown = [n for n in names if n not in KERNEL_BENCHES]
         if unknown:
-            raise SystemExit(f"mat-bench: unknown kernel benchmark(s) {unknown}; "
-                             f"choose from {sorted(KERNEL_BENCHES)}")
+            raise UsageError(f"unknown kernel benchmark(s) {unknown}; choose from "
+                             f"{sorted(KERNEL_BENCHES)}")
         missing = [n for n in names if n not in benches]
         if missing:
-            raise SystemExit(f"mat-bench: kernel benchmark(s) {missing} are not built in this version")
+            raise UsageError(f"kernel benchmark(s) {missing} are not built in this version")
         benches = {n: benches[n] for n in names}
+    return benches
+
+
+def run_kernels(names: list[str] | None, quick: bool, devices: list[str] | None) -> list[dict]:
+    from .timing import devices as available_devices, markdown_table
+
+    benches = _check_kernel_names(names)
     devs = devices or available_devices()
     results = []
     for name, mod in benches.items():
@@ -74,28 +85,73 @@ def run_kernels(names: list[str] | None, quick: bool, devices: list[str] | None)
     return results
 
 
+def _kernels_markdown(kernels: list[dict], env: dict) -> str:
+    from .timing import markdown_table
+
+    text = (f"# mat-bench kernel results\n\nmachine: {env.get('cpu')}, "
+            f"{env.get('gpu', 'no GPU')}; torch {env['torch']}; commit {env['commit']}\n\n")
+    for res in kernels:
+        text += f"## {res['title']}\n\n{markdown_table(res['rows'], res['columns'])}\n\n"
+        text += "".join(f"- {note}\n" for note in res.get("notes", [])) + "\n"
+    return text
+
+
 def _write(out: str, kernels: list[dict], quick: bool) -> None:
-    from .timing import environment, markdown_table
+    from .timing import environment
 
     env = environment()
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"environment": env, "quick": quick, "kernels": kernels}, f, indent=2,
                   default=str)
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"# mat-bench results\n\nmachine: {env.get('cpu')}, "
-                f"{env.get('gpu', 'no GPU')}; torch {env['torch']}; commit {env['commit']}\n\n")
-        for res in kernels:
-            f.write(f"## {res['title']}\n\n{markdown_table(res['rows'], res['columns'])}\n\n")
-            for note in res.get("notes", []):
-                f.write(f"- {note}\n")
-            f.write("\n")
+        f.write(_kernels_markdown(kernels, env))
     print(f"mat-bench: wrote {out}/results.json and {out}/summary.md")
+
+
+def _train_device(devices: list[str] | None) -> str:
+    import torch
+
+    if devices:
+        return "cuda" if "cuda" in devices else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(args, parser) -> int:
+    from mat_cuda.data import DataError
+
+    from .train.cli import UsageError, parse_plan, run_train
+    from .train.methods import MethodError
+
+    try:
+        plan = parse_plan(args, args.quick) if args.command in ("train", "all") else None
+        names = args.only.split(",") if getattr(args, "only", None) else None
+        _check_kernel_names(names)
+        out = _out_dir(args.out)
+        kernels = []
+        if args.command in ("kernels", "all"):
+            kernels = run_kernels(names, args.quick, args.device)
+        if args.command == "kernels":
+            _write(out, kernels, args.quick)
+            return 0
+        from .timing import environment
+
+        env = environment()
+        run_train(plan, _train_device(args.device), out, env, kernels=kernels)
+        if kernels:
+            with open(os.path.join(out, "summary.md"), "a") as f:
+                f.write("\n" + _kernels_markdown(kernels, env))
+        return 0
+    except (UsageError, DataError, MethodError) as exc:
+        print(f"mat-bench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mat-bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for cmd in ("kernels", "all"):
+    from .train.cli import add_train_args
+
+    for cmd in ("kernels", "train", "all"):
         p = sub.add_parser(cmd)
         p.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
         p.add_argument("--out", default=None, help="output folder (default: a fresh timestamped "
@@ -105,17 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "kernels":
             p.add_argument("--only", default=None,
                            help=f"comma-separated subset of {','.join(KERNEL_BENCHES)}")
+        else:
+            add_train_args(p, quick_defaults=cmd == "all")
     args = parser.parse_args(argv)
 
     if args.device and "cuda" in args.device:
         import torch
         if not torch.cuda.is_available():
             parser.error("--device cuda given but no CUDA device is available")
-    names = args.only.split(",") if getattr(args, "only", None) else None
-    out = _out_dir(args.out)
-    kernels = run_kernels(names, args.quick, args.device)
-    _write(out, kernels, args.quick)
-    return 0
+    return _run(args, parser)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,159 @@
+"""`mat-bench train` (and the train part of `mat-bench all`): arguments, the run plan, outputs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .methods import METHODS, SELECTION_METHODS, MethodError
+from .report import SCHEMA_VERSION, markdown_summary, summarize_task, write_plots
+from .runner import run_one, savings_ceiling
+from .tasks import SIZES, TASKS, size_config
+
+
+class UsageError(Exception):
+    """A command-line choice that cannot run; printed without a traceback (exit status 2)."""
+
+
+def add_train_args(p: argparse.ArgumentParser, quick_defaults: bool = False) -> None:
+    p.add_argument("--task", default="mlm" if not quick_defaults else ",".join(TASKS),
+                   help=f"comma-separated tasks among {','.join(TASKS)}")
+    p.add_argument("--method", default=",".join(METHODS),
+                   help=f"comma-separated methods among {','.join(METHODS)} (random and gradnorm "
+                        "use MAT's measured active fraction: list mat too, or give "
+                        "--active-fraction)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, the same for every method (paired; default "
+                        "0,1,2, or 0 with --quick)")
+    p.add_argument("--size", default=None, choices=SIZES,
+                   help="model/data/schedule preset (default: 'default'; 'quick' with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    p.add_argument("--eval-every", type=int, default=None, help="override the evaluation interval")
+    p.add_argument("--warmup", type=int, default=None, help="override the warm-up steps")
+    p.add_argument("--probe-every", type=int, default=None, help="override the probe interval")
+    p.add_argument("--text-data", default=None,
+                   help="UTF-8 text for mlm/moe: a WikiText-style folder or one file "
+                        "(default: the embedded standard-library docs)")
+    p.add_argument("--image-data", default=None,
+                   help="CIFAR-10 folder (torchvision format) for cnn (default: scikit-learn "
+                        "digits, upsampled)")
+    p.add_argument("--active-fraction", default=None,
+                   help="kind=fraction,... for random/gradnorm instead of MAT's measured one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _split(value: str, allowed, what: str) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise UsageError(f"unknown {what} {bad or value!r}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_plan(args, quick: bool) -> dict:
+    """Validate the train arguments; return the plan (raises UsageError)."""
+    tasks = _split(args.task, TASKS, "task(s)")
+    methods = _split(args.method, METHODS, "method(s)")
+    if args.seeds is None:
+        args.seeds = "0" if quick else "0,1,2"
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
+    fractions = None
+    if args.active_fraction:
+        fractions = {}
+        for item in args.active_fraction.split(","):
+            kind, _, val = item.partition("=")
+            try:
+                fractions[kind.strip()] = float(val)
+            except ValueError:
+                raise UsageError(f"--active-fraction must be kind=fraction,..., got {item!r}") from None
+            if not 0.0 <= fractions[kind.strip()] <= 1.0:
+                raise UsageError(f"--active-fraction {item!r}: the fraction must be in [0, 1]")
+    if any(m in SELECTION_METHODS for m in methods) and "mat" not in methods and fractions is None:
+        raise UsageError("random and gradnorm run at MAT's measured active fraction: add mat to "
+                         "--method (it runs first) or give --active-fraction kind=fraction,...")
+    for name in ("steps", "eval_every", "warmup", "probe_every"):
+        v = getattr(args, name)
+        if v is not None and (v < (0 if name == "warmup" else 1)):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    for path, what in ((args.text_data, "--text-data"), (args.image_data, "--image-data")):
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{what}: {path!r} does not exist")
+    size = args.size or ("quick" if quick else "default")
+    # MAT first: random and gradnorm need its measured fraction.
+    methods = sorted(methods, key=lambda m: ["baseline", "mat"].index(m) if m in ("baseline", "mat") else 2)
+    return dict(tasks=tasks, methods=methods, seeds=seeds, size=size, fractions=fractions,
+                overrides={k: getattr(args, k) for k in ("steps", "eval_every", "warmup",
+                                                         "probe_every")
+                           if getattr(args, k) is not None},
+                text_data=args.text_data, image_data=args.image_data,
+                progress=not args.no_progress)
+
+
+def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None) -> dict:
+    """Run the plan; write results.json, summary.md and the plots into ``out`` (results.json
+    is rewritten after every run, so an interrupted invocation keeps what finished)."""
+    runs, ceilings, configs = [], {}, {}
+    results = {"schema_version": SCHEMA_VERSION, "environment": environment,
+               "config": {"device": device, "size": plan["size"], "seeds": plan["seeds"],
+                          "tasks": plan["tasks"], "methods": plan["methods"],
+                          "overrides": plan["overrides"], "active_fraction": plan["fractions"]},
+               "task_configs": configs, "ceilings": ceilings, "runs": runs, "summary": {},
+               "kernels": kernels or [], "skipped": []}
+    for task in plan["tasks"]:
+        cfg = {**size_config(task, plan["size"]), **plan["overrides"]}
+        configs[task] = cfg
+        data = plan["image_data"] if task == "cnn" else plan["text_data"]
+        ceilings[task] = savings_ceiling(task, cfg, device, data)
+        kinds = [k for k in ceilings[task]["per_kind"] if k != "(all kinds)"]
+        for seed in plan["seeds"]:
+            mat_fraction = None
+            for method in plan["methods"]:
+                variants = [(method, k) for k in kinds] if method == "freeze_all" else [(method, None)]
+                for name, kind in variants:
+                    fractions = plan["fractions"] or mat_fraction
+                    if name in SELECTION_METHODS and fractions is None:
+                        results["skipped"].append({"task": task, "method": name, "seed": seed,
+                                                   "why": "no MAT active fraction (mat did not run)"})
+                        continue
+                    try:
+                        rec = run_one(task, name, seed, cfg, device, data, fractions=fractions,
+                                      kind=kind, progress=plan["progress"])
+                    except (MethodError, RuntimeError) as exc:
+                        # A method that cannot run on this task (e.g. MAT's loss-mode probe on
+                        # a model it cannot split per sample): recorded and reported, not hidden.
+                        if isinstance(exc, RuntimeError) and name != "mat":
+                            raise
+                        print(f"mat-bench train: skipping {task}/{name} seed {seed}: {exc}")
+                        results["skipped"].append({"task": task, "method": name, "seed": seed,
+                                                   "why": str(exc)})
+                        continue
+                    runs.append(rec)
+                    if name == "mat":
+                        mat_fraction = rec["mean_active_fraction_after_warmup"]
+                    print(f"  {task} {rec['method']:<18} seed {seed}: final val loss "
+                          f"{rec['final_loss']:.4f}, best {rec['best_loss']:.4f}, "
+                          f"{rec['total_flops'] / 1e9:.2f} GFLOP, {rec['wall_s']:.1f} s", flush=True)
+                    _write_json(results, out)
+        task_runs = [r for r in runs if r["task"] == task]
+        if task_runs:
+            results["summary"][task] = summarize_task(task_runs, ceilings[task])
+    _write_json(results, out)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(markdown_summary(results))
+    results["plots"] = [os.path.basename(p) for p in write_plots(results, runs, out)]
+    _write_json(results, out)
+    print(f"mat-bench train: wrote {out}/results.json, {out}/summary.md and "
+          f"{len(results['plots'])} plots")
+    return results
+
+
+def _write_json(results: dict, out: str) -> None:
+    tmp = os.path.join(out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out, "results.json"))

@@ -1,0 +1,197 @@
+"""Training tasks of `mat-bench train`: model, data, loss and evaluation, per task and size.
+
+A task is built per seed (:func:`build_task`) and gives the runner
+  - ``model`` (nn.Module), ``train_batches()`` (an endless iterator of batches),
+  - ``loss_fn(model, batch) -> scalar loss`` (the training objective),
+  - ``evaluate(model) -> {"loss": float, <metric>: float}`` on a fixed validation set,
+  - ``config`` (what was built, for results.json).
+mlm: BertEncoderMLM on text (perplexity = exp(eval loss)); cnn: VGGNet on images (accuracy);
+moe: SwitchMoELM on the mlm data (experts as modules), loss + 0.01 · load-balancing loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Iterator
+
+import torch
+
+from mat_cuda.data import MLMBatcher, get_tokenizer, load_corpus, load_images, mlm_eval_batches
+from mat_cuda.models import BertEncoderMLM, SwitchMoELM, VGGNet, mlm_loss
+
+TASKS = ("mlm", "cnn", "moe")
+SIZES = ("tiny", "quick", "small", "default")
+MOE_AUX_WEIGHT = 0.01  # Switch Transformer's load-balancing weight
+
+# Per size: model shape, data amount and schedule. "default" is the regime MAT is for: a model
+# over-parameterised for its data (an 8-layer encoder on ~1.2 MB of text); "tiny" is for the
+# tests, "quick" for `mat-bench all --quick`, "small" for runs that fit a CPU session.
+_TEXT_SIZES = {
+    "tiny": dict(hidden=32, layers=2, heads=2, ffn=64, seq_len=32, batch_size=8, steps=12,
+                 eval_every=6, warmup=4, probe_every=2, train_tokens=20_000, eval_tokens=2_048,
+                 lr=1e-3, experts=2),
+    "quick": dict(hidden=64, layers=2, heads=4, ffn=128, seq_len=64, batch_size=16, steps=30,
+                  eval_every=10, warmup=10, probe_every=5, train_tokens=200_000, eval_tokens=4_096,
+                  lr=1e-3, experts=4),
+    "small": dict(hidden=128, layers=4, heads=4, ffn=512, seq_len=128, batch_size=32, steps=400,
+                  eval_every=40, warmup=80, probe_every=20, train_tokens=None, eval_tokens=32_768,
+                  lr=5e-4, experts=4),
+    "default": dict(hidden=256, layers=8, heads=8, ffn=1024, seq_len=128, batch_size=32,
+                    steps=1500, eval_every=100, warmup=300, probe_every=50, train_tokens=None,
+                    eval_tokens=65_536, lr=3e-4, experts=8),
+}
+_IMAGE_SIZES = {
+    "tiny": dict(widths=(8, 16), convs_per_stage=1, fc_hidden=32, batch_size=16, steps=12,
+                 eval_every=6, warmup=4, probe_every=2, train_images=256, eval_images=128, lr=1e-3),
+    "quick": dict(widths=(16, 32), convs_per_stage=1, fc_hidden=64, batch_size=32, steps=30,
+                  eval_every=10, warmup=10, probe_every=5, train_images=None, eval_images=None,
+                  lr=1e-3),
+    "small": dict(widths=(32, 64, 128), convs_per_stage=2, fc_hidden=256, batch_size=64, steps=400,
+                  eval_every=40, warmup=80, probe_every=20, train_images=None, eval_images=None,
+                  lr=5e-4),
+    "default": dict(widths=(64, 128, 256), convs_per_stage=2, fc_hidden=512, batch_size=64,
+                    steps=1500, eval_every=100, warmup=300, probe_every=50, train_images=None,
+                    eval_images=None, lr=3e-4),
+}
+
+
+def size_config(task: str, size: str) -> dict:
+    """The settings of ``task`` at ``size`` (a copy: the runner may override steps etc.)."""
+    table = _IMAGE_SIZES if task == "cnn" else _TEXT_SIZES
+    return dict(table[size])
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    model: torch.nn.Module
+    train_batches: Callable[[], Iterator]
+    loss_fn: Callable
+    evaluate: Callable[[torch.nn.Module], dict]
+    metric: str  # "perplexity" or "accuracy"
+    config: dict
+
+
+def build_task(name: str, cfg: dict, seed: int, device: str, data_path: str | None = None) -> Task:
+    """Build ``name`` with settings ``cfg`` (:func:`size_config`) for ``seed`` on ``device``.
+    The model's initial weights and the batch order depend only on ``seed``.
+    Raises mat_cuda.data.DataError for unusable data."""
+    if name in ("mlm", "moe"):
+        return _text_task(name, cfg, seed, device, data_path)
+    if name == "cnn":
+        return _image_task(cfg, seed, device, data_path)
+    raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+
+
+@functools.lru_cache(maxsize=4)
+def _token_streams(data_path: str | None) -> tuple:
+    """(tokenizer, train ids (N,) int64, valid ids (N_v,) int64) for a corpus, once per process."""
+    corpus = load_corpus(data_path)
+    tok = get_tokenizer("auto", corpus_train_text=corpus["train"])
+    return tok, tok.encode_to_tensor(corpus["train"]), tok.encode_to_tensor(corpus["valid"])
+
+
+def _endless(make_epoch_iter):
+    while True:
+        yield from make_epoch_iter()
+
+
+def _text_task(name, cfg, seed, device, data_path) -> Task:
+    tok, train_ids, valid_ids = _token_streams(data_path)
+    if cfg["train_tokens"]:
+        train_ids = train_ids[: cfg["train_tokens"]]
+    valid_ids = valid_ids[: cfg["eval_tokens"]]
+    common = dict(mask_id=tok.mask_id, vocab_size=tok.vocab_size, special_ids=tok.special_ids)
+    batcher = MLMBatcher(train_ids, cfg["seq_len"], cfg["batch_size"], seed=seed, **common)
+    # The validation set is the same for every seed and method: differences are the model's.
+    eval_set = [(x.to(device), y.to(device))
+                for x, y in mlm_eval_batches(valid_ids, cfg["seq_len"], 64, seed=0, **common)]
+    torch.manual_seed(seed)
+    if name == "mlm":
+        model = BertEncoderMLM(tok.vocab_size, hidden=cfg["hidden"], layers=cfg["layers"],
+                               heads=cfg["heads"], ffn=cfg["ffn"], max_len=cfg["seq_len"])
+    else:
+        model = SwitchMoELM(tok.vocab_size, hidden=cfg["hidden"], layers=cfg["layers"],
+                            heads=cfg["heads"], num_experts=cfg["experts"],
+                            expert_ffn=cfg["ffn"], max_len=cfg["seq_len"])
+    model.to(device)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        loss = mlm_loss(m(x), y)
+        return loss + MOE_AUX_WEIGHT * m.aux_loss if name == "moe" else loss
+
+    @torch.no_grad()
+    def evaluate(m) -> dict:
+        was_training = m.training
+        m.eval()
+        total, count = 0.0, 0
+        for x, y in eval_set:
+            n = int((y != -100).sum())
+            total += float(mlm_loss(m(x), y, reduction="sum").sum())
+            count += n
+        m.train(was_training)
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def batches():
+        for x, y in _endless(lambda: iter(batcher)):
+            yield x.to(device), y.to(device)
+
+    config = dict(model=type(model).__name__, model_config=model.config, tokenizer=repr(tok),
+                  train_tokens=int(train_ids.numel()), eval_tokens=int(valid_ids.numel()),
+                  data=data_path or "embedded (Python standard library docs)",
+                  parameters=sum(p.numel() for p in model.parameters()))
+    return Task(name, model, batches, loss_fn, evaluate, "perplexity", config)
+
+
+@functools.lru_cache(maxsize=2)
+def _images(data_path: str | None):
+    return load_images(data_path)
+
+
+def _image_task(cfg, seed, device, data_path) -> Task:
+    data = _images(data_path)
+    tx, ty = data.train_x, data.train_y
+    if cfg["train_images"]:
+        tx, ty = tx[: cfg["train_images"]], ty[: cfg["train_images"]]
+    vx, vy = data.valid_x, data.valid_y
+    if cfg["eval_images"]:
+        vx, vy = vx[: cfg["eval_images"]], vy[: cfg["eval_images"]]
+    torch.manual_seed(seed)
+    model = VGGNet(in_channels=tx.shape[1], num_classes=data.num_classes, widths=cfg["widths"],
+                   image_size=tx.shape[-1], convs_per_stage=cfg["convs_per_stage"],
+                   fc_hidden=cfg["fc_hidden"]).to(device)
+    eval_set = [(vx[i:i + 256].to(device), vy[i:i + 256].to(device)) for i in range(0, len(vx), 256)]
+    bs = cfg["batch_size"]
+
+    def epoch_iter():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch_iter.epoch)
+        epoch_iter.epoch += 1
+        order = torch.randperm(len(tx), generator=g)
+        for i in range(0, len(order) - bs + 1, bs):  # full batches only
+            idx = order[i:i + bs]
+            yield tx[idx].to(device), ty[idx].to(device)
+    epoch_iter.epoch = 0
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(m(x), y)
+
+    @torch.no_grad()
+    def evaluate(m) -> dict:
+        was_training = m.training
+        m.eval()
+        total, correct = 0.0, 0
+        for x, y in eval_set:
+            logits = m(x)
+            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+        m.train(was_training)
+        return {"loss": total / len(vx), "accuracy": correct / len(vx)}
+
+    config = dict(model="VGGNet", model_config=model.config, data=data.source,
+                  train_images=len(tx), eval_images=len(vx),
+                  parameters=sum(p.numel() for p in model.parameters()))
+    return Task("cnn", model, lambda: _endless(epoch_iter), loss_fn, evaluate, "accuracy", config)
