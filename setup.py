@@ -163,7 +163,7 @@ setup(
     package_data={"mat_cuda": ["data/*.txt"]},
     python_requires=">=3.9",
     install_requires=["numpy"],
-    extras_require={"test": ["pytest", "matplotlib", "tqdm", "scikit-learn"],
+    extras_require={"test": ["pytest", "matplotlib", "tqdm", "scikit-learn", "tokenizers", "transformers"],
                     "bench": ["tqdm", "matplotlib", "scikit-learn", "tokenizers"],
                     "hf": ["transformers"]},
     ext_modules=ext_modules,
