@@ -59,6 +59,16 @@ mode, or track_running_stats=False) anywhere in the model mixes samples: :meth:`
 :meth:`measure` raise. A hooked layer called twice in one forward (weight sharing, activation
 checkpointing) raises, as does an input modified in place between forward and backward. One
 probe is one forward and one backward: to add several batches pass the running K as ``out``.
+Routed layers (mixture-of-experts): a Switch expert gets a flat gather (N_routed, d) of the
+tokens routed to it, with no sample axis. When a hooked ``nn.Linear`` or ``Conv1D`` (or any
+module above it) carries ``routed_tokens = (idx, (n, T))`` at its forward (the protocol of
+:class:`mat_cuda.models.SwitchFFN`: idx (N_routed,) int64, the flat position i·T + s of each
+row's token), the probe reads it at the forward hook, keeps idx with the layer's input, and at
+the backward scatters A (N_routed, d_in) and B (N_routed, d_out) by ``index_copy_`` into
+zero-filled (n·T, d) tensors viewed as (n, T, d). Zero rows add nothing to g_i = Σ_s b_is a_isᵀ,
+so the per-sample Grams are exact (dropped tokens and other samples' tokens are zero rows). An
+expert that gets no token in a forward is not called and adds zero. Cost: an expert's factors
+are padded to n·T rows (E experts: E times the rows of a dense FFN) for its Gram.
 In mode ``"loss"`` a module the training backward does not reach (e.g. frozen and below every
 trainable layer) gets zeros; measure it in an output mode, which makes the managed parameters
 require grad for its own pass.
@@ -239,6 +249,8 @@ class _ProbedLayer:
 
     def reset(self) -> None:
         self.input = None          # detached layer input (indices for Embedding)
+        self.routed = None         # (idx (N_routed,) int64, n, T) of a routed (MoE expert) call
+        self.samples = 0           # sample rows of K this call's factors cover (after probe_size)
         self.input_version = None
         self.batch_size = 0        # samples of the layer input before probe_size slicing
         self.edge = None           # output-mode: gradient edge of the layer output
@@ -259,6 +271,9 @@ class _ProbedLayer:
         row_scale: optional (n,) or 0-d factor applied to sample i's gradient (loss weights)."""
         x = self._check_input_unchanged()
         n = K.shape[1]
+        if self.routed is not None:
+            x, grad_out = self._scatter_routed(x, grad_out)
+            x = x[:n]   # probe_size: the first samples only
         if grad_out.dim() and grad_out.shape[0] == self.batch_size and x.shape[0] < self.batch_size:
             grad_out = grad_out[: x.shape[0]]   # probe_size: the first samples only
         if x.dim() == 0 or x.shape[0] != n or grad_out.shape[0] != n:
@@ -293,6 +308,17 @@ class _ProbedLayer:
                     G = torch.cat([gw, gb], dim=1)
                 _gram.sample_gram_(K, G.contiguous(), c.modules(dev),
                                    group_size=c.grouping.group_size, scale=scale, validate=False)
+
+    def _scatter_routed(self, x: torch.Tensor, gy: torch.Tensor):
+        """Routed rows x (N_routed, d_in), gy (N_routed, d_out) -> (n, T, d_in), (n, T, d_out),
+        zero where a token was not routed to this layer."""
+        idx, n, t = self.routed
+
+        def scatter(rows: torch.Tensor) -> torch.Tensor:
+            full = rows.new_zeros(n * t, rows.shape[-1])
+            return full.index_copy_(0, idx, rows).view(n, t, -1)
+
+        return scatter(x), scatter(gy)
 
     def _linear_factors(self, x: torch.Tensor, gy: torch.Tensor):
         """(A, B): (n, T, d_in) and (n, T, d_out), or 2-D without a sequence axis."""
@@ -421,6 +447,7 @@ class MNTKProbe:
     def _find_layers(self) -> list[_ProbedLayer]:
         owner: dict[int, str] = {}
         layers = []
+        parent = {id(child): m for m in self.model.modules() for child in m.children()}
         opaque = [(p, type(m).__name__) for p, m in self.model.named_modules()
                   if isinstance(m, _OPAQUE_CONTAINERS)]
         for path, layer in self.model.named_modules():
@@ -445,7 +472,13 @@ class MNTKProbe:
                                    "but the probe supports Linear, Conv2d (groups=1), GPT-2 "
                                    "Conv1D, Embedding, LayerNorm, RMSNorm, GroupNorm and eval "
                                    "BatchNorm")
-            layers.append(_ProbedLayer(path or "<model>", layer, kind, self.module_map))
+            pl = _ProbedLayer(path or "<model>", layer, kind, self.module_map)
+            chain, m = [], layer
+            while m is not None:   # the layer and its ancestors: where routed_tokens may sit
+                chain.append(m)
+                m = parent.get(id(m))
+            pl.ancestors = tuple(chain)
+            layers.append(pl)
         return layers
 
     # ---- hooks ----
@@ -461,14 +494,20 @@ class MNTKProbe:
                                    "one probe forward (weight sharing or activation "
                                    "checkpointing); per-sample Grams need one call per forward")
             x = (args[0] if args else kwargs["input"]).detach()
-            pl.batch_size = x.shape[0] if x.dim() else 0
+            pl.routed = self._routed_tokens(pl, x)
+            if pl.routed is not None:
+                pl.batch_size = pl.routed[1]
+            else:
+                pl.batch_size = x.shape[0] if x.dim() else 0
             p = self.probe_size
             if p is not None:
                 if pl.batch_size < p:
                     raise ValueError(f"MNTKProbe: probe_size={p}, but layer '{pl.path}' got a "
                                      f"batch of {pl.batch_size} samples (input "
                                      f"{tuple(x.shape)}); probe_size must not exceed the batch")
-                x = x[:p]   # a view: shares the version counter checked at the backward
+                if pl.routed is None:
+                    x = x[:p]   # a view: shares the version counter checked at the backward
+            pl.samples = pl.batch_size if p is None else p
             pl.input, pl.input_version = x, x._version
             if self._active == "loss":
                 output.register_hook(self._make_grad_hook(pl, self._generation))
@@ -476,6 +515,25 @@ class MNTKProbe:
                 pl.edge = torch.autograd.graph.get_gradient_edge(output)
             return None
         return hook
+
+    def _routed_tokens(self, pl: _ProbedLayer, x: torch.Tensor):
+        """(idx, n, T) when the layer or a module above it carries ``routed_tokens`` (a routed
+        MoE expert call: see the module docstring), else None. Read now: the next forward of
+        the routing block overwrites it."""
+        routed = next((m.routed_tokens for m in pl.ancestors
+                       if getattr(m, "routed_tokens", None) is not None), None)
+        if routed is None:
+            return None
+        idx, (n, t) = routed
+        if pl.kind not in ("linear", "conv1d"):
+            raise RuntimeError(f"MNTKProbe: layer '{pl.path}' ({type(pl.layer).__name__}) gets "
+                               "routed tokens; only Linear and Conv1D layers are supported there")
+        if x.dim() != 2 or idx.dim() != 1 or idx.shape[0] != x.shape[0] \
+                or idx.dtype != torch.int64:
+            raise RuntimeError(f"MNTKProbe: layer '{pl.path}' got input {tuple(x.shape)} with "
+                               f"routed_tokens idx {idx.dtype} {tuple(idx.shape)}; expected a "
+                               "2-D input (N_routed, d) and an int64 idx (N_routed,)")
+        return idx, int(n), int(t)
 
     def _make_grad_hook(self, pl: _ProbedLayer, generation: int):
         def hook(grad):
@@ -485,8 +543,8 @@ class MNTKProbe:
                 raise RuntimeError(f"MNTKProbe: a second backward reached layer '{pl.path}' in "
                                    "one probe; call gram() after each backward")
             scale, row_scale = self._loss_scales(pl.batch_size)
-            p = pl.input.shape[0] if pl.input.dim() else 0
-            pl.accumulate(self._ensure_K(p, grad.device), grad, scale, row_scale, self.algorithm)
+            pl.accumulate(self._ensure_K(pl.samples, grad.device), grad, scale, row_scale,
+                          self.algorithm)
             pl.input = None
             return None
         return hook
@@ -659,8 +717,8 @@ class MNTKProbe:
                                         retain_graph=r < len(vs) - 1, allow_unused=True)
             for pl, g in zip(live, grads):
                 if g is not None:
-                    p = pl.input.shape[0] if pl.input.dim() else 0
-                    pl.accumulate(self._ensure_K(p, g.device), g, scale, None, self.algorithm)
+                    pl.accumulate(self._ensure_K(pl.samples, g.device), g, scale, None,
+                                  self.algorithm)
 
     def _projections(self, output: torch.Tensor, vectors) -> list[torch.Tensor]:
         shape = tuple(output.shape[1:])

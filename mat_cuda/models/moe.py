@@ -31,6 +31,13 @@ class SwitchFFN(nn.Module):
     Dispatch gathers each expert's tokens with nonzero(), a host sync per expert on CUDA: this
     is a readable reference model, not a tuned MoE kernel.
 
+    Routed-token protocol: expert e sees a flat gather (N_routed, hidden) of its tokens, with
+    no sample axis. Just before calling it, the block sets ``experts[e].routed_tokens =
+    (idx, (n, T))``: idx (N_routed,) int64 holds the flat position of each routed row among
+    the n·T tokens (token (i, s) is i·T + s), so per-sample tools (MAT's MNTKProbe) recover
+    the sample of every row inside the expert (row r belongs to sample idx[r] // T). It is
+    overwritten at the next call; an expert given no token this forward is not called.
+
     x (n, T, hidden), attention_mask (n, T) or None -> (n, T, hidden).
     """
 
@@ -62,6 +69,7 @@ class SwitchFFN(nn.Module):
         for e, ffn in enumerate(self.experts):
             idx = (flat_e == e).nonzero().squeeze(-1)
             if idx.numel():
+                ffn.routed_tokens = (idx, (n, t))
                 flat_out.index_add_(0, idx, ffn(flat_x[idx]) * flat_g[idx, None].to(x.dtype))
         self.aux_loss = self._load_balancing_loss(probs, one_hot, attention_mask)
         return out
