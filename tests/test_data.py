@@ -410,3 +410,18 @@ def test_digits_without_sklearn_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
     with pytest.raises(D.DataError, match=r"mat_cuda\[bench\]"):
         D.load_images()
+
+
+def test_embedded_corpus_ignores_methods_patched_into_stdlib(monkeypatch):
+    # Libraries patch methods into stdlib classes (transformers adds logging.Logger.warning_once);
+    # the corpus must not depend on what else the process imported.
+    import logging
+
+    before = corpus_mod._embedded_documents()
+
+    def warning_everywhere(self, msg):
+        """A docstring that must not enter the corpus."""
+
+    warning_everywhere.__module__ = "somebody_elses_package"
+    monkeypatch.setattr(logging.Logger, "warning_everywhere", warning_everywhere, raising=False)
+    assert corpus_mod._embedded_documents() == before

@@ -162,6 +162,12 @@ def _module_documents(mod, modname: str) -> list:
                     continue
                 if isinstance(member, (staticmethod, classmethod)):
                     member = member.__func__
+                # Only the stdlib's own members: other packages patch methods into stdlib
+                # classes (transformers adds logging.Logger.warning_once), which would make
+                # the corpus depend on what else the process imported.
+                code_owner = member.fget if isinstance(member, property) else member
+                if getattr(code_owner, "__module__", None) != modname:
+                    continue
                 if inspect.isfunction(member) or isinstance(member, property):
                     doc = _own_doc(member)
                     if doc:
