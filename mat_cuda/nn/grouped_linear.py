@@ -52,17 +52,22 @@ def _autocast_inputs(x, weight, bias):
     return x, weight, bias
 
 
-class _RowGroupedLinear(torch.autograd.Function):
+class _GroupedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b, exactly F.linear's forward; subclasses give the grouped backward."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, grad_rows, dx_rows):
-        # x (..., d_in), weight (d_out, d_in), bias (d_out,) | None,
-        # grad_rows int64 (r,), dx_rows int64 (r',) | None.
+    def forward(ctx, x, weight, bias, grad_idx, dx_idx):
+        # x (..., d_in), weight (d_out, d_in), bias (d_out,) | None; grad_idx int64: the weight
+        # rows (row groups) or columns (column groups) whose gradient is computed; dx_idx int64
+        # (the rows/columns dX flows through) or None for exact dX.
         xc, wc, bc = _autocast_inputs(x, weight, bias)
-        ctx.save_for_backward(xc, wc, grad_rows, dx_rows)
+        ctx.save_for_backward(xc, wc, grad_idx, dx_idx)
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
-        ctx.dx_exact = dx_rows is None
+        ctx.dx_exact = dx_idx is None
         return F.linear(xc, wc, bc)
 
+
+class _RowGroupedLinear(_GroupedLinear):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
@@ -92,17 +97,8 @@ class _RowGroupedLinear(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-class _ColGroupedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, grad_cols, dx_cols):
-        # x (..., d_in), weight (d_out, d_in), bias (d_out,) | None (shared: full gradient),
-        # grad_cols int64 (c,), dx_cols int64 (c',) | None.
-        xc, wc, bc = _autocast_inputs(x, weight, bias)
-        ctx.save_for_backward(xc, wc, grad_cols, dx_cols)
-        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
-        ctx.dx_exact = dx_cols is None
-        return F.linear(xc, wc, bc)
-
+class _ColGroupedLinear(_GroupedLinear):
+    # The bias is shared by all column groups: its gradient is always full.
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
