@@ -75,6 +75,10 @@ def _worker(rank, port, out_dir):
         mat = MAT(ddp, torch.optim.AdamW(ddp.parameters(), lr=1e-2), policy=_policy(kinds))
         out = _run(ddp, mat, _data(), slice(rank * N_LOCAL, (rank + 1) * N_LOCAL))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks finish every collective before either tears gloo down: a rank that exits
+        # while its peer is still connected can abort the peer ("terminate called without an
+        # active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
