@@ -6,6 +6,8 @@ Subcommands:
             controls, on mlm / cnn / moe tasks (see benchmarks/train/)
   all       every kernel benchmark and every task and method (`--quick`: the small sizes CI and
             the quick start use, under 5 minutes on 2 CPU cores)
+  report    merge the results of several `train` invocations (e.g. seeds or methods run in
+            parallel) into one summary and one set of plots
 
 Each kernel benchmark is a module ``benchmarks/bench_<name>.py`` with
 ``run(devices: list[str], quick: bool) -> dict`` returning
@@ -119,10 +121,14 @@ def _train_device(devices: list[str] | None) -> str:
 def _run(args, parser) -> int:
     from mat_cuda.data import DataError
 
-    from .train.cli import UsageError, parse_plan, run_train
+    from .train.cli import UsageError, merge_results, parse_plan, run_train, write_report
     from .train.methods import MethodError
 
     try:
+        if args.command == "report":
+            merged = merge_results(args.results)  # checked before anything is written
+            write_report(merged, _out_dir(args.out))
+            return 0
         plan = parse_plan(args, args.quick) if args.command in ("train", "all") else None
         names = args.only.split(",") if getattr(args, "only", None) else None
         _check_kernel_names(names)
@@ -163,9 +169,14 @@ def main(argv: list[str] | None = None) -> int:
                            help=f"comma-separated subset of {','.join(KERNEL_BENCHES)}")
         else:
             add_train_args(p, quick_defaults=cmd == "all")
+    p = sub.add_parser("report", help="merge several `train` results into one summary")
+    p.add_argument("results", nargs="+",
+                   help="results folders (or results.json files) of `mat-bench train` runs")
+    p.add_argument("--out", default=None, help="output folder (default: a fresh timestamped "
+                                               "folder under ./mat-bench-results)")
     args = parser.parse_args(argv)
 
-    if args.device and "cuda" in args.device:
+    if getattr(args, "device", None) and "cuda" in args.device:
         import torch
         if not torch.cuda.is_available():
             parser.error("--device cuda given but no CUDA device is available")

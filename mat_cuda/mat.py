@@ -68,7 +68,7 @@ constants are docs/policy.md's, none tuned on the benchmark suite yet.
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -110,7 +110,9 @@ class MAT:
         modules: ``"auto"`` (module discovery), a :class:`Discovery` of the model (e.g. from
             ``discover(model)``, to build a MaskedAdamW on its ``module_map`` first), or a
             :class:`ModuleMap` of the model (no attention/FFN structures: see below).
-        policy: a :class:`MATPolicy` built on the map's kinds, or None for
+        policy: a :class:`MATPolicy` built on the map's kinds; or a factory
+            ``policy(kinds, names) -> MATPolicy`` called with the map's module kinds and names
+            (for ``modules="auto"``, whose kinds are known only after discovery); or None for
             ``MATPolicy(kinds, warmup=warmup, probe_every=probe_every)``.
         probe_every, warmup: for the default policy only (defaults 100 and 1000).
         probe_size: None (every sample of the batch) or p: K uses the first p samples.
@@ -131,7 +133,7 @@ class MAT:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, modules="auto",
-                 policy: Optional[MATPolicy] = None, *, probe_every: Optional[int] = None,
+                 policy: Union[MATPolicy, Callable[..., MATPolicy], None] = None, *, probe_every: Optional[int] = None,
                  warmup: Optional[int] = None, probe_size: Optional[int] = None,
                  kernel: str = "loss", backward: str = "detach", loss_reduction: str = "mean",
                  scaler: Optional[torch.amp.GradScaler] = None, accumulation_steps: int = 1,
@@ -434,8 +436,11 @@ def _make_policy(policy, mm: ModuleMap, probe_every, warmup) -> MATPolicy:
     if probe_every is not None or warmup is not None:
         raise ValueError("MAT: probe_every and warmup configure the default policy; with "
                          "policy= set them on the MATPolicy")
+    if callable(policy) and not isinstance(policy, MATPolicy):
+        policy = policy(list(mm.kinds), list(mm.names))
     if not isinstance(policy, MATPolicy):
-        raise TypeError(f"MAT: policy must be a MATPolicy, got {type(policy).__name__}")
+        raise TypeError(f"MAT: policy must be a MATPolicy (or a factory returning one), got "
+                        f"{type(policy).__name__}")
     if list(policy.kinds) != mm.kinds:
         raise ValueError(f"MAT: the policy was built for {len(policy.kinds)} modules of kinds "
                          f"{sorted(set(policy.kinds))}, the module map has {mm.num_modules} of "

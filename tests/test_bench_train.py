@@ -38,6 +38,10 @@ def _needs_task_deps(task):
     (["--steps", "0"], "--steps"),
     (["--text-data", "/nonexistent/corpus"], "does not exist"),
     (["--task", "cnn", "--image-data", "/nonexistent/cifar"], "does not exist"),
+    (["--mat-policy", "mode=lottery"], "mode must be"),
+    (["--mat-policy", "alpha"], "key=value"),
+    (["--mat-policy", "speed=3"], "unknown option"),
+    (["--mat-policy", "temporal=off,eps=0.1"], "temporal=off"),
 ])
 def test_cli_errors_exit_2_without_traceback(argv, message, tmp_path, capsys):
     rc = main(["train", "--size", "tiny", "--out", str(tmp_path / "o"), *argv])
@@ -212,3 +216,68 @@ def test_kernels_unknown_name_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "nosuch" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "k")
+
+
+# ------------------------------------------------------------- --mat-policy and `report`
+def test_mat_policy_options_reach_the_policy():
+    from benchmarks.train.cli import parse_policy_options
+
+    opts = parse_policy_options("mode=budget,budget=0.25,hysteresis=0,temporal=off,"
+                                "relative_to_history=none")
+    assert opts == {"mode": "budget", "budget": 0.25, "hysteresis": 0, "temporal": False,
+                    "relative_to_history": None}
+    task_cfg = _tiny("mlm")
+    from benchmarks.train.tasks import build_task
+
+    task = build_task("mlm", task_cfg, 0, "cpu")
+    method = build_method("mat", task.model, lr=1e-3, warmup=3, probe_every=2, seed=0,
+                          policy_options=opts)
+    policy = method.mat.policy
+    assert policy.temporal is None and (policy.warmup, policy.probe_every) == (3, 2)
+    assert (policy.modular.mode, policy.modular.budget, policy.modular.hysteresis) == \
+        ("budget", 0.25, 0.0)
+    assert list(policy.kinds) == method.kinds
+
+
+def _train_json(out, method, seeds, extra=()):
+    rc = main(["train", "--size", "tiny", "--task", "mlm", "--method", method, "--seeds", seeds,
+               "--steps", "4", "--eval-every", "2", "--warmup", "2", "--probe-every", "1",
+               "--no-progress", "--out", str(out), *extra])
+    assert rc == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_report_merges_separate_invocations(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    together = _train_json(tmp_path / "together", "baseline,mat", "0,1")
+    _train_json(tmp_path / "a", "baseline", "0,1")
+    _train_json(tmp_path / "b", "mat", "0")
+    _train_json(tmp_path / "c", "mat", "1")
+    rc = main(["report", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c" / "results.json"),
+               "--out", str(tmp_path / "m")])
+    assert rc == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["config"]["seeds"] == [0, 1]
+    # CPU runs are deterministic, so the merged summary is the one-invocation summary.
+    for method in ("baseline", "mat"):
+        a = together["summary"]["mlm"]["methods"][method]
+        b = merged["summary"]["mlm"]["methods"][method]
+        assert a["final_loss"] == b["final_loss"] and a["total_flops"] == b["total_flops"]
+    assert (tmp_path / "m" / "summary.md").stat().st_size > 0
+    assert "mlm_loss_vs_flops.png" in merged["plots"]
+
+
+def test_report_refuses_what_does_not_compare(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _train_json(tmp_path / "a", "baseline", "0")
+    _train_json(tmp_path / "longer", "baseline", "1", extra=("--steps", "6"))
+    _train_json(tmp_path / "m1", "mat", "1")
+    _train_json(tmp_path / "m2", "mat", "2", extra=("--mat-policy", "mode=budget"))
+    for argv, message in (([tmp_path / "a", tmp_path / "a"], "also in"),
+                          ([tmp_path / "a", tmp_path / "longer"], "other settings (['steps'])"),
+                          ([tmp_path / "m1", tmp_path / "m2"], "different policies"),
+                          ([tmp_path / "nothing"], "cannot read")):
+        capsys.readouterr()
+        rc = main(["report", *map(str, argv), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, err

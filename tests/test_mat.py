@@ -325,8 +325,26 @@ def test_other_bad_arguments():
         MAT(model, opt, policy=MATPolicy(["head"] * 3))
     with pytest.raises(ValueError, match="probe_every and warmup"):
         MAT(model, opt, policy=MATPolicy(["head"] * 4 + ["ffn"] * 2), probe_every=5)
+    with pytest.raises(TypeError, match="factory returning one"):
+        MAT(model, opt, policy=lambda kinds, names: None)
+    with pytest.raises(ValueError, match="policy was built for"):
+        MAT(model, opt, policy=lambda kinds, names: MATPolicy(kinds[:-1]))
     # Nothing was left converted or hooked by the failed constructions.
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_policy_factory_gets_the_discovered_kinds_and_names():
+    model = make_model()
+    seen = {}
+
+    def factory(kinds, names):
+        seen.update(kinds=kinds, names=names)
+        return MATPolicy(kinds, modular=ModularPolicy(kinds, mode="budget", budget=0.25),
+                         temporal=None, warmup=0, probe_every=1, names=names)
+
+    mat = MAT(model, torch.optim.AdamW(model.parameters(), lr=1e-3), policy=factory)
+    assert seen["kinds"] == mat.module_map.kinds and seen["names"] == mat.module_map.names
+    assert mat.policy.modular.mode == "budget" and mat.policy.temporal is None
 
 
 def test_explicit_module_map_skips_whole_tensor_modules():

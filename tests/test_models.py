@@ -68,6 +68,35 @@ def test_encoder_shapes(device, make, qkv):
         assert layer.moe.experts[3].fc1.out_features == 32 and model.aux_loss.dim() == 0
 
 
+@pytest.mark.parametrize("make", [bert, moe], ids=["bert", "moe"])
+def test_predicted_positions_equal_full_logits(device, make):
+    # The MLM head at the predicted positions only: the same logits and loss as the full head.
+    model = make().to(device).double()
+    ids, labels = mlm_batch(5, 11, device)
+    predict = labels != -100
+    full = model(ids)
+    sparse = model(ids, predict=predict)
+    assert sparse.shape == (int(predict.sum()), VOCAB)
+    torch.testing.assert_close(sparse, full[predict], rtol=1e-12, atol=1e-12)
+    for reduction in ("mean", "sum", "none"):
+        torch.testing.assert_close(mlm_loss(sparse, labels, reduction=reduction),
+                                   mlm_loss(full, labels, reduction=reduction))
+    g_sparse = torch.autograd.grad(mlm_loss(sparse, labels), model.layers[0].attn.q.weight)[0]
+    g_full = torch.autograd.grad(mlm_loss(model(ids), labels), model.layers[0].attn.q.weight)[0]
+    torch.testing.assert_close(g_sparse, g_full, rtol=1e-10, atol=1e-12)
+
+
+def test_predicted_positions_reject_bad_input():
+    model = bert()
+    ids, labels = mlm_batch(2, 6)
+    with pytest.raises(ValueError, match="predict must be a bool"):
+        model(ids, predict=(labels != -100).long())
+    with pytest.raises(ValueError, match="predict must be a bool"):
+        model(ids, predict=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="predicted positions"):
+        mlm_loss(torch.zeros(3, VOCAB), torch.full((2, 6), -100))
+
+
 def test_encoder_rejects_bad_input():
     with pytest.raises(ValueError, match="max_len"):
         bert()(torch.zeros(1, 17, dtype=torch.int64))

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from .methods import METHODS, SELECTION_METHODS, MethodError
+from .methods import METHODS, POLICY_OPTIONS, SELECTION_METHODS, MethodError, mat_policy_factory
 from .report import SCHEMA_VERSION, markdown_summary, summarize_task, write_plots
 from .runner import run_one, savings_ceiling
 from .tasks import SIZES, TASKS, size_config
@@ -39,6 +39,9 @@ def add_train_args(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
                         "digits, upsampled)")
     p.add_argument("--active-fraction", default=None,
                    help="kind=fraction,... for random/gradnorm instead of MAT's measured one")
+    p.add_argument("--mat-policy", default=None,
+                   help="change MAT's default policy: key=value,... with keys among "
+                        f"{','.join(POLICY_OPTIONS)} (e.g. mode=budget,budget=0.5,temporal=off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -83,6 +86,7 @@ def parse_plan(args, quick: bool) -> dict:
     for path, what in ((args.text_data, "--text-data"), (args.image_data, "--image-data")):
         if path is not None and not os.path.exists(path):
             raise UsageError(f"{what}: {path!r} does not exist")
+    policy_options = parse_policy_options(args.mat_policy)
     size = args.size or ("quick" if quick else "default")
     # MAT first: random and gradnorm need its measured fraction.
     methods = sorted(methods, key=lambda m: ["baseline", "mat"].index(m) if m in ("baseline", "mat") else 2)
@@ -91,7 +95,42 @@ def parse_plan(args, quick: bool) -> dict:
                                                          "probe_every")
                            if getattr(args, k) is not None},
                 text_data=args.text_data, image_data=args.image_data,
+                policy_options=policy_options,
                 progress=not args.no_progress)
+
+
+def _policy_value(text: str):
+    low = text.lower()
+    if low in ("on", "true"):
+        return True
+    if low in ("off", "false"):
+        return False
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_policy_options(text: str | None) -> dict:
+    """``--mat-policy`` text → {option: value} (ints, floats, on/off, none, strings), checked by
+    building the policy once (raises UsageError)."""
+    if not text:
+        return {}
+    options = {}
+    for item in text.split(","):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise UsageError(f"--mat-policy must be key=value,..., got {item!r}")
+        options[key.strip()] = _policy_value(val.strip())
+    try:
+        mat_policy_factory(options, warmup=0, probe_every=1)
+    except MethodError as exc:
+        raise UsageError(str(exc)) from None
+    return options
 
 
 def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None) -> dict:
@@ -101,7 +140,8 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
     results = {"schema_version": SCHEMA_VERSION, "environment": environment,
                "config": {"device": device, "size": plan["size"], "seeds": plan["seeds"],
                           "tasks": plan["tasks"], "methods": plan["methods"],
-                          "overrides": plan["overrides"], "active_fraction": plan["fractions"]},
+                          "overrides": plan["overrides"], "active_fraction": plan["fractions"],
+                          "mat_policy": plan.get("policy_options") or "default"},
                "task_configs": configs, "ceilings": ceilings, "runs": runs, "summary": {},
                "kernels": kernels or [], "skipped": []}
     for task in plan["tasks"]:
@@ -122,7 +162,8 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                         continue
                     try:
                         rec = run_one(task, name, seed, cfg, device, data, fractions=fractions,
-                                      kind=kind, progress=plan["progress"])
+                                      kind=kind, progress=plan["progress"],
+                                      policy_options=plan.get("policy_options"))
                     except (MethodError, RuntimeError) as exc:
                         # A method that cannot run on this task (e.g. MAT's loss-mode probe on
                         # a model it cannot split per sample): recorded and reported, not hidden.
@@ -132,6 +173,7 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                         results["skipped"].append({"task": task, "method": name, "seed": seed,
                                                    "why": str(exc)})
                         continue
+                    rec["mat_policy"] = plan.get("policy_options") or "default"
                     runs.append(rec)
                     if name == "mat":
                         mat_fraction = rec["mean_active_fraction_after_warmup"]
@@ -149,6 +191,77 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
     _write_json(results, out)
     print(f"mat-bench train: wrote {out}/results.json, {out}/summary.md and "
           f"{len(results['plots'])} plots")
+    return results
+
+
+def merge_results(paths: list) -> dict:
+    """One results dict from the results.json of several `mat-bench train` invocations (e.g.
+    methods or seeds run in parallel processes). Every task must have been run with the same
+    settings and device everywhere, and each (task, method, seed) run must appear once; raises
+    UsageError naming what differs."""
+    loaded = []
+    for path in paths:
+        file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+        try:
+            with open(file) as f:
+                loaded.append((file, json.load(f)))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {file}: {exc}") from None
+    first_file, first = loaded[0]
+    merged = {"schema_version": SCHEMA_VERSION, "environment": first["environment"],
+              "config": dict(first["config"], sources=[f for f, _ in loaded]),
+              "task_configs": {}, "ceilings": {}, "runs": [], "summary": {},
+              "kernels": [], "skipped": []}
+    seen = {}
+    for file, res in loaded:
+        if res.get("schema_version") != SCHEMA_VERSION or "runs" not in res:
+            raise UsageError(f"{file} is not a mat-bench train results.json (schema "
+                             f"{SCHEMA_VERSION})")
+        if res["config"].get("device") != first["config"].get("device"):
+            raise UsageError(f"{file} ran on {res['config'].get('device')}, {first_file} on "
+                             f"{first['config'].get('device')}: runs are not comparable")
+        for task, cfg in res["task_configs"].items():
+            known = merged["task_configs"].setdefault(task, cfg)
+            if known != cfg:
+                diff = sorted(k for k in set(known) | set(cfg) if known.get(k) != cfg.get(k))
+                raise UsageError(f"{file}: task {task} ran with other settings ({diff}) than in "
+                                 "an earlier file: runs are not comparable")
+            merged["ceilings"].setdefault(task, res["ceilings"].get(task))
+        for run in res["runs"]:
+            key = (run["task"], run["method"], run["seed"])
+            if key in seen:
+                raise UsageError(f"{file}: {key[0]}/{key[1]} seed {key[2]} also in {seen[key]}")
+            seen[key] = file
+            run.setdefault("mat_policy", res["config"].get("mat_policy", "default"))
+            merged["runs"].append(run)
+        merged["skipped"] += res.get("skipped", [])
+        merged["kernels"] += res.get("kernels", [])
+    policies = {json.dumps(r["mat_policy"], sort_keys=True) for r in merged["runs"]
+                if r["method"] == "mat"}
+    if len(policies) > 1:
+        raise UsageError(f"the mat runs used different policies ({sorted(policies)}): "
+                         "merge one policy at a time")
+    merged["config"]["mat_policy"] = json.loads(policies.pop()) if policies else "default"
+    merged["config"]["seeds"] = sorted({r["seed"] for r in merged["runs"]})
+    merged["config"]["methods"] = list(dict.fromkeys(r["method"] for r in merged["runs"]))
+    return merged
+
+
+def write_report(results: dict, out: str) -> dict:
+    """`mat-bench report`: summarise merged results (:func:`merge_results`) and write
+    results.json, summary.md and the plots into ``out``."""
+    for task in results["task_configs"]:
+        task_runs = [r for r in results["runs"] if r["task"] == task]
+        if task_runs:
+            results["summary"][task] = summarize_task(task_runs, results["ceilings"].get(task))
+    _write_json(results, out)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(markdown_summary(results))
+    results["plots"] = [os.path.basename(p) for p in write_plots(results, results["runs"], out)]
+    _write_json(results, out)
+    print(f"mat-bench report: merged {len(results['runs'])} runs from "
+          f"{len(results['config']['sources'])} results; "
+          f"wrote {out}/results.json, {out}/summary.md and {len(results['plots'])} plots")
     return results
 
 

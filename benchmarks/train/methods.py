@@ -220,21 +220,66 @@ class GradNorm(_AtFraction):
         return sq.sqrt()
 
 
+# `--mat-policy key=value,...`: which policy class each key configures.
+MODULAR_OPTIONS = ("mode", "alpha", "centre", "budget", "hysteresis", "min_dwell",
+                   "relative_to_history", "ema_decay")
+TEMPORAL_OPTIONS = ("eps", "patience")
+POLICY_OPTIONS = MODULAR_OPTIONS + TEMPORAL_OPTIONS + ("temporal",)
+
+
+def mat_policy_factory(options: dict, warmup: int, probe_every: int):
+    """A ``MAT(policy=...)`` factory: MAT's default policy with ``options`` changed.
+
+    ``options`` maps ModularPolicy / TemporalPolicy argument names (POLICY_OPTIONS) to values;
+    ``temporal=False`` drops the temporal policy. Raises MethodError for an unknown key or a
+    value the policy rejects (checked here, before any training)."""
+    unknown = sorted(set(options) - set(POLICY_OPTIONS))
+    if unknown:
+        raise MethodError(f"--mat-policy: unknown option(s) {unknown}; choose from "
+                          f"{', '.join(POLICY_OPTIONS)}")
+    modular = {k: v for k, v in options.items() if k in MODULAR_OPTIONS}
+    temporal = {k: v for k, v in options.items() if k in TEMPORAL_OPTIONS}
+    use_temporal = options.get("temporal", True)
+    if not isinstance(use_temporal, bool):
+        raise MethodError(f"--mat-policy: temporal must be on or off, got {use_temporal!r}")
+    if temporal and not use_temporal:
+        raise MethodError("--mat-policy: eps/patience configure the temporal policy, which "
+                          "temporal=off removes")
+
+    def factory(kinds, names):
+        return mat_cuda.MATPolicy(
+            kinds, modular=mat_cuda.ModularPolicy(kinds, names=names, **modular),
+            temporal=mat_cuda.TemporalPolicy(kinds, names=names, **temporal) if use_temporal
+            else None, warmup=warmup, probe_every=probe_every, names=names)
+
+    try:
+        factory(["head"], ["head[0]"])  # validate the values now
+    except (TypeError, ValueError) as exc:
+        raise MethodError(f"--mat-policy: {exc}") from None
+    return factory
+
+
 class MATMethod:
-    """The MAT controller (``mat_cuda.MAT``, default policy, loss-mode probe on the training
-    batch), driven like the other methods. Its AdamW is rebuilt by MAT as a MaskedAdamW on MAT's
-    module map (the same discovery kinds as the other methods)."""
+    """The MAT controller (``mat_cuda.MAT``, loss-mode probe on the training batch; its default
+    policy, or the default with ``policy_options`` changed), driven like the other methods. Its
+    AdamW is rebuilt by MAT as a MaskedAdamW on MAT's module map (the same discovery kinds as
+    the other methods)."""
 
     name = "mat"
 
-    def __init__(self, model, lr, warmup, probe_every, seed, weight_decay=0.01, probe_size=None):
+    def __init__(self, model, lr, warmup, probe_every, seed, weight_decay=0.01, probe_size=None,
+                 policy_options: dict | None = None):
         if not hasattr(mat_cuda, "MAT"):
             raise MethodError("method 'mat' needs mat_cuda.MAT, which is not part of this build "
                               "of mat_cuda")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                       weight_decay=weight_decay)
-        self.mat = mat_cuda.MAT(model, optimizer, probe_every=probe_every, warmup=warmup,
-                                probe_size=probe_size, kinds=MODULE_KINDS)
+        if policy_options:
+            schedule = dict(policy=mat_policy_factory(policy_options, warmup, probe_every))
+        else:
+            schedule = dict(probe_every=probe_every, warmup=warmup)
+        self.mat = mat_cuda.MAT(model, optimizer, probe_size=probe_size, kinds=MODULE_KINDS,
+                                **schedule)
         self.optimizer = self.mat.optimizer
         self.kinds = self.mat.module_map.kinds
         self.names = self.mat.module_map.names
@@ -286,8 +331,10 @@ class MATMethod:
 
 
 def build_method(name: str, model, *, lr: float, warmup: int, probe_every: int, seed: int,
-                 fractions: dict | None = None, kind: str | None = None, probe_size=None):
-    """The method ``name`` ("freeze_all" needs ``kind``; random/gradnorm need ``fractions``)."""
+                 fractions: dict | None = None, kind: str | None = None, probe_size=None,
+                 policy_options: dict | None = None):
+    """The method ``name`` ("freeze_all" needs ``kind``; random/gradnorm need ``fractions``;
+    ``policy_options`` changes MAT's default policy, see :func:`mat_policy_factory`)."""
     common = dict(lr=lr, warmup=warmup, probe_every=probe_every, seed=seed)
     if name == "baseline":
         return Baseline(model, **common)
@@ -298,5 +345,5 @@ def build_method(name: str, model, *, lr: float, warmup: int, probe_every: int, 
     if name == "gradnorm":
         return GradNorm(model, fractions=fractions or {}, **common)
     if name == "mat":
-        return MATMethod(model, probe_size=probe_size, **common)
+        return MATMethod(model, probe_size=probe_size, policy_options=policy_options, **common)
     raise MethodError(f"unknown method {name!r}; choose from {METHODS}")

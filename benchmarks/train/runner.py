@@ -49,14 +49,16 @@ def _sync(device: str) -> None:
 
 def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str = "cpu",
             data_path: str | None = None, fractions: dict | None = None,
-            kind: str | None = None, progress: bool = True) -> dict:
+            kind: str | None = None, progress: bool = True,
+            policy_options: dict | None = None) -> dict:
     """Train ``task_name`` with ``method_name`` for ``cfg["steps"]`` steps; return the record
     written to results.json (see report.py for its schema)."""
     task = build_task(task_name, cfg, seed, device, data_path)
     model = task.model
     method = build_method(method_name, model, lr=cfg["lr"], warmup=cfg["warmup"],
                           probe_every=cfg["probe_every"], seed=seed, fractions=fractions,
-                          kind=kind, probe_size=cfg.get("probe_size"))
+                          kind=kind, probe_size=cfg.get("probe_size"),
+                          policy_options=policy_options)
     model.train()
     batches = task.train_batches()
     flops_of_state: dict = {}

@@ -37,9 +37,9 @@ _TEXT_SIZES = {
     "small": dict(hidden=128, layers=4, heads=4, ffn=512, seq_len=128, batch_size=32, steps=400,
                   eval_every=40, warmup=80, probe_every=20, train_tokens=None, eval_tokens=32_768,
                   lr=5e-4, experts=4),
-    "default": dict(hidden=256, layers=8, heads=8, ffn=1024, seq_len=128, batch_size=32,
-                    steps=1500, eval_every=100, warmup=300, probe_every=50, train_tokens=None,
-                    eval_tokens=65_536, lr=3e-4, experts=8),
+    "default": dict(hidden=192, layers=6, heads=6, ffn=768, seq_len=128, batch_size=16,
+                    steps=1000, eval_every=50, warmup=200, probe_every=50, train_tokens=None,
+                    eval_tokens=65_536, lr=5e-4, experts=6),
 }
 _IMAGE_SIZES = {
     "tiny": dict(widths=(8, 16), convs_per_stage=1, fc_hidden=32, batch_size=16, steps=12,
@@ -119,7 +119,8 @@ def _text_task(name, cfg, seed, device, data_path) -> Task:
 
     def loss_fn(m, batch):
         x, y = batch
-        loss = mlm_loss(m(x), y)
+        # The MLM head runs at the predicted positions only (models' predict=).
+        loss = mlm_loss(m(x, predict=y != -100), y)
         return loss + MOE_AUX_WEIGHT * m.aux_loss if name == "moe" else loss
 
     @torch.no_grad()
@@ -129,7 +130,7 @@ def _text_task(name, cfg, seed, device, data_path) -> Task:
         total, count = 0.0, 0
         for x, y in eval_set:
             n = int((y != -100).sum())
-            total += float(mlm_loss(m(x), y, reduction="sum").sum())
+            total += float(mlm_loss(m(x, predict=y != -100), y, reduction="sum"))
             count += n
         m.train(was_training)
         loss = total / max(count, 1)

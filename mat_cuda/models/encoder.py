@@ -158,14 +158,36 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(F.gelu(self.transform(x))))
 
 
+def predicted_positions(hidden: torch.Tensor, predict: Optional[torch.Tensor]) -> torch.Tensor:
+    """hidden (n, T, d) -> hidden[predict] (P, d) (row-major), or ``hidden`` when predict is None.
+    predict: (n, T) bool. (Boolean indexing reads P to the host: one sync per call on CUDA.)"""
+    if predict is None:
+        return hidden
+    if predict.dtype != torch.bool or predict.shape != hidden.shape[:2]:
+        raise ValueError(f"predict must be a bool tensor of shape {tuple(hidden.shape[:2])} (n, T), "
+                         f"got {predict.dtype} {tuple(predict.shape)}")
+    return hidden[predict]
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
              reduction: str = "mean") -> torch.Tensor:
     """Masked-LM cross-entropy.
 
-    logits (n, T, V) float, labels (n, T) int64 with `ignore_index` at unmasked positions.
-    reduction "mean" (over predicted tokens; NaN when there are none), "sum", or "none" ->
-    (n, T) with 0 at ignored positions.
+    logits (n, T, V) float, or (P, V) at the predicted positions only (the models' ``forward(...,
+    predict=labels != ignore_index)``); labels (n, T) int64 with `ignore_index` at unmasked
+    positions. reduction "mean" (over predicted tokens; NaN when there are none), "sum", or
+    "none" -> (n, T) with 0 at ignored positions.
     """
+    if logits.dim() == 2:  # predicted positions only
+        predict = labels != ignore_index
+        target = labels[predict]
+        if logits.shape[0] != target.numel():
+            raise ValueError(f"logits {tuple(logits.shape)} has {logits.shape[0]} rows but labels "
+                             f"{tuple(labels.shape)} has {target.numel()} predicted positions")
+        loss = F.cross_entropy(logits.float(), target, reduction=reduction)
+        if reduction != "none":
+            return loss
+        return loss.new_zeros(labels.shape).masked_scatter(predict, loss)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (n, T)")
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,

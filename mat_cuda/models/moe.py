@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .encoder import Embeddings, EncoderLayer, FeedForward, MLMHead, init_bert_weights
+from .encoder import (Embeddings, EncoderLayer, FeedForward, MLMHead, init_bert_weights,
+                      predicted_positions)
 
 
 class SwitchFFN(nn.Module):
@@ -90,7 +91,9 @@ class SwitchMoELM(nn.Module):
     Module tree: as :class:`BertEncoderMLM`, with layers[i].moe.router and
     layers[i].moe.experts[e].fc1 / .fc2 in place of layers[i].ffn.
 
-    forward(input_ids (n, T) int64, attention_mask (n, T) or None) -> logits (n, T, vocab_size);
+    forward(input_ids (n, T) int64, attention_mask (n, T) or None, predict (n, T) bool or None)
+    -> logits (n, T, vocab_size), or (P, vocab_size) at the predicted positions (as
+    :class:`BertEncoderMLM`);
     afterwards `aux_loss` is the load-balancing loss summed over layers (add
     `aux_weight · model.aux_loss` to the training loss; Switch uses 0.01).
     """
@@ -118,8 +121,9 @@ class SwitchMoELM(nn.Module):
             raise RuntimeError("aux_loss is available after a forward pass")
         return torch.stack(losses).sum()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                predict: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.embeddings(input_ids)
         for layer in self.layers:
             x = layer(x, attention_mask)
-        return self.mlm_head(x)
+        return self.mlm_head(predicted_positions(x, predict))
