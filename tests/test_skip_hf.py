@@ -5,9 +5,11 @@ Semantics checked (see mat_cuda/nn/attention.py): the forward is unchanged; froz
 rows (GPT-2: c_attn columns) and W_O columns (GPT-2: c_proj rows) get no gradient; ``exact``:
 every other gradient and dX equal the unconverted model's; ``detach``: they equal the
 unconverted model's with the frozen heads' attention context detached at W_O's input and frozen
-FFN blocks' inputs detached.
+FFN blocks' inputs detached, and HF's attention function runs with grad on the active heads only
+(frozen heads: under no_grad).
 """
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -18,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from mat_cuda.discovery import discover  # noqa: E402
 from mat_cuda.nn import Skipper, convert_attention  # noqa: E402
+from mat_cuda.nn.attention import ROUTE_NAME  # noqa: E402
 
 from helpers import assert_close_rel  # noqa: E402
 
@@ -55,8 +58,8 @@ def _input(arch, dtype=torch.float64):
     return torch.randn(shape, generator=g, dtype=dtype).requires_grad_()
 
 
-def _run(arch, model, x):
-    out = model(pixel_values=x) if arch == "vit" else model(inputs_embeds=x)
+def _run(arch, model, x, **kwargs):
+    out = model(pixel_values=x, **kwargs) if arch == "vit" else model(inputs_embeds=x, **kwargs)
     return out.last_hidden_state
 
 
@@ -129,6 +132,8 @@ def _check(model, ref, found, frozen, frozen_ffns, x, x_ref):
             assert p.grad is None and not p.requires_grad, n
         elif g_ref[n] is None:  # unused by this loss (e.g. BERT's pooler)
             assert p.grad is None, n
+        elif p.grad is None:  # detach: reaches the loss only through frozen heads (a pre-LN
+            assert torch.all(g_ref[n] == 0), n  # feeding a wholly frozen layer): not computed
         else:
             torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-9, atol=1e-14, msg=n)
 
@@ -241,13 +246,16 @@ def _backward_flops(arch, model, x) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["detach", "exact"])
 def test_backward_flops_fall_by_the_frozen_heads_share(arch, mode):
-    """Each head frozen in layer 0 saves exactly its dW in Q, K, V and W_O (and, in detach mode,
-    its share of those projections' dX); the attention core's backward is not reduced."""
+    """Each head frozen in layer 0 saves exactly its dW in Q, K, V and W_O and, in detach mode,
+    its share of those projections' dX and its attention core's backward (QKᵀ and PV: four
+    matmuls); in exact mode the core's backward runs for every head. Eager attention only: the
+    flop counter does not count CPU sdpa's backward (sdpa is covered by the call-spy test)."""
     model = _model(arch, "eager", torch.float32)
     found = discover(model)
     sk = Skipper.from_discovery(found, mode=mode)
     x = _input(arch, torch.float32)
-    tokens = N * (5 if arch == "vit" else T)  # ViT: 4 patches + the class token
+    seq = 5 if arch == "vit" else T  # ViT: 4 patches + the class token
+    tokens = N * seq
     flops = []
     for n_frozen in (1, 2, 3, 4):
         sk.set_mask(_mask(found, {0: list(range(n_frozen))}))
@@ -255,7 +263,8 @@ def test_backward_flops_fall_by_the_frozen_heads_share(arch, mode):
         flops.append(_backward_flops(arch, model, x))
     per_head_dw = 4 * 2 * tokens * DH * D
     per_head_dx = 4 * 2 * tokens * DH * D
-    expected = per_head_dw + (per_head_dx if mode == "detach" else 0)
+    per_head_core = 4 * 2 * N * seq * seq * DH  # dQ, dK (of QKᵀ), dP, dV (of PV)
+    expected = per_head_dw + (per_head_dx + per_head_core if mode == "detach" else 0)
     # 3 -> 4 frozen: the last head; the Q/K/V dX rows are then empty (no GEMM) as well.
     assert [a - b for a, b in zip(flops[:2], flops[1:3])] == [expected, expected], flops
     assert flops[2] > flops[3]
@@ -275,3 +284,173 @@ def test_convert_errors_and_restore():
         convert_attention(attn, o=attn.c_proj, qkv=attn.c_attn, **spec)
     conv.restore()
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def _spy_attention(monkeypatch, arch, impl, calls):
+    """Record each attention-core call of ``arch``'s models under ``impl`` in ``calls``:
+    (heads, grad enabled, query requires grad); the call itself is unchanged."""
+    if impl == "eager":
+        code = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+        where, name = code, "eager_attention_forward"
+        original = code.eager_attention_forward
+    else:
+        where, name = transformers.AttentionInterface._global_mapping, impl
+        original = where[impl]
+
+    def spy(module, query, *args, **kwargs):
+        calls.append((query.shape[1], torch.is_grad_enabled(), query.requires_grad))
+        return original(module, query, *args, **kwargs)
+
+    if impl == "eager":
+        monkeypatch.setattr(where, name, spy)
+    else:
+        monkeypatch.setitem(where, name, spy)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["detach", "exact"])
+def test_frozen_heads_attention_core_runs_without_grad(arch, impl, mode, monkeypatch):
+    """detach: HF's attention function runs with grad on the active heads only and on the frozen
+    heads under no_grad (a wholly frozen layer: one no_grad call); exact: one call on every head
+    with grad, as unconverted."""
+    calls = []
+    _spy_attention(monkeypatch, arch, impl, calls)
+    model = _model(arch, impl)
+    found = discover(model)
+    sk = Skipper.from_discovery(found, mode=mode)
+    sk.set_mask(_mask(found, FROZEN))
+    _loss(_run(arch, model, _input(arch))).backward()
+    if mode == "exact":
+        assert calls == [(HEADS, True, True)] * 2
+    else:
+        assert calls == [(2, True, True), (2, False, False), (HEADS, False, False)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_weights_returned_in_head_order(arch):
+    """Eager attention returns the weights (n, H, T, S): assembled in head order, the active
+    heads' with grad."""
+    model = _model(arch, "eager")
+    ref = copy.deepcopy(model)
+    found = discover(model)
+    Skipper.from_discovery(found, mode="detach").set_mask(_mask(found, FROZEN))
+    x = _input(arch)
+    kw = dict(pixel_values=x) if arch == "vit" else dict(inputs_embeds=x)
+    att = model(**kw, output_attentions=True).attentions
+    att_ref = ref(**kw, output_attentions=True).attentions
+    assert len(att) == len(att_ref) == 2
+    for a, b in zip(att, att_ref):
+        assert a.shape == b.shape and a.shape[1] == HEADS
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert att[0].requires_grad and not att[1].requires_grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("mode", ["detach", "exact"])
+def test_padding_mask(arch, impl, mode):
+    """A padding mask (HF expands it to (n, 1, T, T) or lets sdpa take it) is shared by the heads."""
+    model = _model(arch, impl)
+    ref = copy.deepcopy(model)
+    found = discover(model)
+    sk = Skipper.from_discovery(found, mode=mode)
+    sk.set_mask(_mask(found, FROZEN, [1]))
+    if mode == "detach":
+        _detach_hooks(ref, found, model, FROZEN, [1])
+    pad = torch.ones(N, T, dtype=torch.long)
+    pad[1, -3:] = 0
+    x, x_ref = _input(arch), _input(arch)
+    _loss(_run(arch, model, x, attention_mask=pad)).backward()
+    _loss(_run(arch, ref, x_ref, attention_mask=pad)).backward()
+    _check(model, ref, found, FROZEN, [1], x, x_ref)
+
+
+def test_per_head_mask_is_split_with_the_heads():
+    """A mask with a head dimension (n, H, T, T) is split with the heads (BERT block, called
+    directly: HF's eager attention adds whatever mask it is given)."""
+    model = _model("bert", "eager")
+    ref = copy.deepcopy(model)
+    found = discover(model)
+    Skipper.from_discovery(found, mode="detach").set_mask(_mask(found, {0: [1, 2]}))
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(N, T, D, generator=g, dtype=torch.float64)
+    mask = torch.randn(N, HEADS, T, T, generator=g, dtype=torch.float64)  # distinct per head
+    y = model.encoder.layer[0].attention(h, attention_mask=mask)[0]
+    y_ref = ref.encoder.layer[0].attention(h, attention_mask=mask)[0]
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["detach", "exact"])
+def test_gpt2_reorder_and_upcast_attention(mode, monkeypatch):
+    """GPT-2's own eager variant (reorder_and_upcast_attn: float32 scores) is the function split."""
+    model = _model("gpt2", "eager", torch.float32)
+    for layer in model.h:
+        layer.attn.reorder_and_upcast_attn = True
+    ref = copy.deepcopy(model)
+    cls = type(model.h[0].attn)
+    original = cls._upcast_and_reordered_attn
+    calls = []
+
+    def spy(self, query, *args):
+        calls.append((query.shape[1], torch.is_grad_enabled()))
+        return original(self, query, *args)
+
+    monkeypatch.setattr(cls, "_upcast_and_reordered_attn", spy)
+    found = discover(model)
+    sk = Skipper.from_discovery(found, mode=mode)
+    sk.set_mask(_mask(found, {0: [1, 2]}))
+    if mode == "detach":
+        _detach_hooks(ref, found, model, {0: [1, 2]}, [])
+    x, x_ref = _input("gpt2", torch.float32), _input("gpt2", torch.float32)
+    y = _run("gpt2", model, x)
+    expected = [(2, True), (2, False), (HEADS, True)] if mode == "detach" else [(HEADS, True)] * 2
+    assert calls == expected
+    y_ref = _run("gpt2", ref, x_ref)
+    assert_close_rel(y, y_ref, tol=1e-6)
+    _loss(y).backward()
+    _loss(y_ref).backward()
+    assert_close_rel(x.grad, x_ref.grad, tol=1e-5, msg="dX")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_routing_is_per_block_and_restore_undoes_it(arch, monkeypatch):
+    """The shared config is never changed; a block with every head active, and another model on
+    the same config, call HF's attention as unconverted; restore() removes every trace."""
+    calls = []
+    _spy_attention(monkeypatch, arch, "eager", calls)
+    model = _model(arch, "eager")
+    config = model.config
+    other = type(model)(config).to(torch.float64)  # another model, same config object
+    other.load_state_dict(model.state_dict())
+    holders = [m for net in (model, other) for m in net.modules() if "config" in vars(m)]
+    assert all(m.config is config for m in holders) and len(holders) > 2
+    found = discover(model)
+    sk = Skipper.from_discovery(found, mode="detach")
+    sk.set_mask(_mask(found, {0: [1, 2]}))  # layer 1: every head active
+    x = _input(arch)
+    y = _run(arch, model, x)
+    assert calls == [(2, True, True), (2, False, False), (HEADS, True, True)]
+    assert ROUTE_NAME not in transformers.AttentionInterface._global_mapping  # only during a forward
+    assert all(m.config is config for m in holders) and config._attn_implementation == "eager"
+    calls.clear()
+    assert_close_rel(_run(arch, other, x), y, tol=1e-12)
+    assert calls == [(HEADS, True, True)] * 2
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("attention failed")
+
+    monkeypatch.setattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"),
+                        "eager_attention_forward", failing)
+    with pytest.raises(RuntimeError, match="attention failed"):
+        _run(arch, model, x)
+    assert all(m.config is config for m in holders)
+    assert ROUTE_NAME not in transformers.AttentionInterface._global_mapping
+    monkeypatch.undo()
+    sk.restore()
+    assert ROUTE_NAME not in transformers.AttentionInterface._global_mapping
+    assert all("forward" not in vars(m) for m in model.modules())
+    calls.clear()
+    _spy_attention(monkeypatch, arch, "eager", calls)
+    _run(arch, model, x)
+    assert calls == [(HEADS, True, True)] * 2

@@ -3,7 +3,8 @@
 :func:`convert_attention` replaces the block's ``forward`` (an instance attribute; the block's
 parameters, submodules and state_dict are untouched, so an optimizer holding them is unaffected)
 with one that, while some heads are frozen (styles ``mat_bert`` and ``torch_mha``; the HF styles
-keep HF's forward and replace the projections' ``forward`` instead, see the end):
+keep HF's forward, replace the projections' ``forward`` and split HF's attention call, see the
+end):
 
 - computes the Q/K/V (or packed QKV) projection with the full weight in one GEMM (forward
   unchanged) through :func:`row_grouped_linear`, whose backward computes dW and db only for the
@@ -39,26 +40,39 @@ Styles (the AttentionSpec ``style`` of module discovery):
   output.dense as W_O), ``"hf_vit"`` (HF ViT: q_proj/k_proj/v_proj/o_proj ``nn.Linear``),
   ``"hf_gpt2"`` (``GPT2Attention``: c_attn Conv1D with weight (d, 3·H·d_h), a head's Q/K/V are
   COLUMN groups; c_proj Conv1D with weight (H·d_h, d), a head's W_O slice is ROWS). HF's own
-  attention forward runs unchanged (eager, sdpa, whatever the config selects); only the
-  projection submodules' ``forward`` is replaced, by the grouped linears above (a Conv1D
-  y = x W + b is the linear with weight Wᵀ). While heads are frozen:
+  forward runs; the projection submodules' ``forward`` is replaced by the grouped linears above
+  (a Conv1D y = x W + b is the linear with weight Wᵀ). While heads are frozen:
 
   * both modes: dW (and the Q/K/V bias gradient) of frozen heads is not computed;
-  * ``detach``: W_O's dX is computed for the active heads' columns only, so the frozen heads'
-    attention context gets zero gradient (the model with the frozen heads' context detached,
-    which for the attention of these styles equals detaching their Q/K/V), and the Q/K/V
-    projections' dX uses the active heads' rows only. What is NOT saved for HF blocks: the
-    attention-core backward of frozen heads still runs (on zero gradients), since HF's fused
-    attention call is not split by heads here;
-  * ``exact``: dX is the unconverted model's.
+  * ``detach``: HF's attention call (``attention_interface(module, q, k, v, mask, ...)``, q/k/v
+    (n, H, T, d_h)) is split by heads like the styles above: the function HF would call (eager,
+    sdpa, flash, ...: resolved from the config as HF does; GPT-2's reorder_and_upcast_attn
+    variant included) runs on the active heads with grad and on the frozen heads under
+    ``no_grad``; a mask with a head dimension > 1 is split with the heads. The output (n, T, H,
+    d_h) and the weights (n, H, T, S), if the function returns them, are assembled in head
+    order. So the frozen heads' attention backward, their share of the Q/K/V dX and of W_O's dX
+    are not computed; the gradients are those of the model with the frozen heads' Q/K/V
+    detached. How the call is routed: the block's ``forward`` is wrapped; for that forward
+    only, the config of the module making the call (shared by every layer and maybe other
+    models, so never changed) is replaced on that one module by a stand-in whose
+    ``_attn_implementation`` is :data:`ROUTE_NAME`, a name registered in transformers'
+    ``AttentionInterface`` only while such a forward runs; the routed function puts the real
+    config back before anything else. Blocks whose code does not make that call (transformers
+    4.x) warn at conversion and still run the frozen heads' attention backward (on zero
+    gradients). The dropout draws differ in order from the unconverted block;
+  * ``exact``: HF's attention call runs unchanged on every head; dX is the unconverted model's.
 
 Other styles (``separate_linear``, ``packed_linear``: attention blocks of unknown code) are not
 converted: a clear error (or left as they are with ``Skipper(strict=False)``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import sys
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -346,12 +360,16 @@ def _projection(m: Optional[nn.Module], what: str, rows: int) -> nn.Module:
 
 
 class _HFProjections(ConvertedAttention):
-    """HF BERT/RoBERTa, ViT, GPT-2 blocks: HF's forward runs, the projections are grouped.
+    """HF BERT/RoBERTa, ViT, GPT-2 blocks: HF's forward runs, the projections are grouped and
+    (``detach`` mode) the attention call is split by heads.
 
-    The block's ``forward`` is replaced by a pass-through (the marker of a converted block);
     q, k, v (or the packed qkv) and o get a ``forward`` instance attribute that calls
     :func:`row_grouped_linear` / :func:`col_grouped_linear` while heads are frozen and the
-    module's class forward otherwise (all heads active, or probing)."""
+    module's class forward otherwise (all heads active, or probing). The block's ``forward`` is
+    replaced by one that (``detach`` mode, heads frozen, not probing) routes the attention call
+    of the module that owns the projections (the "core": BERT's ``block.self``, ViT's and
+    GPT-2's block itself) to :meth:`_split_heads` for this forward only; otherwise it runs the
+    block's class forward."""
 
     def __init__(self, block, style, num_heads, head_dim, o, head_modules, mode, q, k, v, qkv):
         width = num_heads * head_dim
@@ -366,10 +384,12 @@ class _HFProjections(ConvertedAttention):
             self.inputs = [(_projection(m, n, width), False) for n, m in (("q", q), ("k", k), ("v", v))]
         if "forward" in vars(o):
             raise ValueError(f"convert_attention: o ({type(o).__name__}) is already converted")
+        core = _attention_core(block, self.inputs[0][0]) if mode == "detach" else None
         super().__init__(block, style, num_heads, head_dim, o, head_modules, mode)
         for m, packed in self.inputs:
             m.forward = functools.partial(self._in_forward, m, packed)
         o.forward = self._out_forward
+        self.core = core  # None: the attention call is not split (exact mode, or no HF interface)
 
     @staticmethod
     def _check_out_projection(o: nn.Module, width: int) -> None:
@@ -381,12 +401,24 @@ class _HFProjections(ConvertedAttention):
                              "(num_heads · head_dim)")
 
     def forward(self, *args, **kwargs):
-        return self.original_forward(*args, **kwargs)
+        if self.core is None or self.current_groups() is None:
+            return self.original_forward(*args, **kwargs)
+        # The core's config is shared by every layer (and maybe other models): it is replaced on
+        # this one module, for this one forward, by a stand-in that names the route.
+        config = self.core.config
+        route = _HeadSplitRoute(config, self, _attention_function(self.core, config))
+        with _route_registered():
+            self.core.config = route
+            try:
+                return self.original_forward(*args, **kwargs)
+            finally:
+                self.core.config = config
 
     def restore(self) -> None:
         for m, _ in self.inputs:
             vars(m).pop("forward", None)
         vars(self.o).pop("forward", None)
+        self.core = None
         super().restore()
 
     def _in_forward(self, m: nn.Module, packed: bool, x: torch.Tensor) -> torch.Tensor:
@@ -405,6 +437,134 @@ class _HFProjections(ConvertedAttention):
             return type(self.o).forward(self.o, ctx)
         w, b = _weight_rows(self.o)
         return col_grouped_linear(ctx, w, b, g.rows, g.rows if self.mode == "detach" else None)
+
+    def _split_heads(self, attend, module, query, key, value, attention_mask, **kwargs):
+        """HF's attention call, split by heads: ``attend`` (the function HF would have called)
+        on the active heads with grad, then on the frozen heads under ``no_grad``.
+
+        query, key, value: (n, H, T | S, d_h) of every head; attention_mask: None, or a tensor
+        broadcast over (n, H, T, S) (a head dimension > 1 is split with the heads).
+        Returns (output (n, T, H, d_h), weights (n, H, T, S) | None) as ``attend`` does, heads in
+        order; only the active heads' part carries grad."""
+        g, h = self.groups, self.num_heads
+        if any(t.dim() != 4 or t.shape[1] != h for t in (query, key, value)):
+            raise NotImplementedError(f"converted {self.style} attention with frozen heads: query, key "
+                                      f"and value must be (n, {h}, T, d_h) (one key/value head per "
+                                      f"query head), got {tuple(query.shape)}, {tuple(key.shape)}, "
+                                      f"{tuple(value.shape)}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise NotImplementedError(f"converted {self.style} attention with frozen heads: attention "
+                                      f"mask of type {type(attention_mask).__name__} is not supported "
+                                      "(a tensor or None)")
+
+        def heads(t, ids):
+            return t.index_select(1, ids)
+
+        def mask_of(ids):
+            m = attention_mask
+            return heads(m, ids) if m is not None and m.dim() == 4 and m.shape[1] != 1 else m
+
+        out_a = w_a = None
+        if g.active.numel() > 0:
+            out_a, w_a = attend(module, *(heads(t, g.active) for t in (query, key, value)),
+                                mask_of(g.active), **kwargs)
+            _check_output(out_a, g.active.numel(), query.shape[2])
+        with torch.no_grad():  # frozen heads: no attention backward, no gradient through them
+            out_f, w_f = attend(module, *(heads(t, g.frozen) for t in (query, key, value)),
+                                mask_of(g.frozen), **kwargs)
+        if out_a is None:  # every head frozen: all in order already
+            return out_f, w_f
+        return _heads_in_order(out_a, out_f, 2, g, h), _heads_in_order(w_a, w_f, 1, g, h)
+
+
+# ---- routing HF's attention call of one converted block to _HFProjections._split_heads ----
+ROUTE_NAME = "mat_cuda_head_split"  # in transformers' AttentionInterface while a routed forward runs
+_route_lock = threading.Lock()
+_routes_running = 0  # routed forwards running (threads: e.g. DataParallel replicas)
+
+
+@contextlib.contextmanager
+def _route_registered():
+    """ROUTE_NAME is registered (HF checks the name a config gives) only while some converted
+    block's forward runs, so nothing is left in transformers between forwards."""
+    global _routes_running
+    from transformers import AttentionInterface  # only HF blocks get here
+    with _route_lock:
+        if _routes_running == 0:
+            AttentionInterface.register(ROUTE_NAME, _head_split_attention)
+        _routes_running += 1
+    try:
+        yield
+    finally:
+        with _route_lock:
+            _routes_running -= 1
+            if _routes_running == 0:  # no public unregister: the class-wide mapping it wrote to
+                AttentionInterface._global_mapping.pop(ROUTE_NAME, None)
+
+
+def _attention_core(block: nn.Module, proj: nn.Module) -> Optional[nn.Module]:
+    """The module that owns the (first) input projection and makes HF's attention call through
+    ``ALL_ATTENTION_FUNCTIONS`` with its ``config``; None (with a warning) if there is none."""
+    core = next((m for m in block.modules() if any(c is proj for c in m.children())), None)
+    code = sys.modules.get(type(core).__module__)
+    if (core is None or "config" not in vars(core) or not hasattr(code, "ALL_ATTENTION_FUNCTIONS")
+            or not hasattr(code, "eager_attention_forward")):
+        warnings.warn(f"convert_attention: {type(block).__name__} does not make HF's attention-interface "
+                      "call through the module owning its projections (transformers < 5?): its frozen "
+                      "heads' attention backward still runs", stacklevel=4)
+        return None
+    return core
+
+
+def _attention_function(core: nn.Module, config):
+    """The attention function ``core`` calls under ``config`` (resolved as HF resolves it)."""
+    code = sys.modules[type(core).__module__]
+    impl = config._attn_implementation
+    if impl == "eager" and getattr(core, "reorder_and_upcast_attn", False):  # GPT-2's own eager variant
+        return lambda module, q, k, v, mask, **_: module._upcast_and_reordered_attn(q, k, v, mask)
+    return code.ALL_ATTENTION_FUNCTIONS.get_interface(impl, code.eager_attention_forward)
+
+
+class _HeadSplitRoute:
+    """Stands in for a core module's config during its converted block's forward: its
+    ``_attn_implementation`` names the route, every other attribute is the config's."""
+
+    def __init__(self, config, handle: _HFProjections, attend):
+        self._mat_config, self._mat_handle, self._mat_attend = config, handle, attend
+        self._attn_implementation = ROUTE_NAME
+
+    def __getattr__(self, name):
+        return getattr(self._mat_config, name)
+
+
+def _head_split_attention(module, query, key, value, attention_mask, **kwargs):
+    """The function registered as ``ROUTE_NAME``: HF's attention call of a converted block."""
+    route = module.config
+    if not isinstance(route, _HeadSplitRoute):
+        raise RuntimeError(f"attention implementation {ROUTE_NAME!r} is mat_cuda's route for converted "
+                           "attention blocks; it cannot be selected in a config")
+    module.config = route._mat_config  # the real config for whatever the attention function reads
+    return route._mat_handle._split_heads(route._mat_attend, module, query, key, value, attention_mask,
+                                          **kwargs)
+
+
+def _check_output(out: torch.Tensor, num_heads: int, t: int) -> None:
+    if out.dim() != 4 or out.shape[1] != t or out.shape[2] != num_heads:
+        raise NotImplementedError(f"converted HF attention: the attention function returned "
+                                  f"{tuple(out.shape)}, expected (n, {t}, {num_heads}, d_h)")
+
+
+def _heads_in_order(active, frozen, dim: int, g: HeadGroups, num_heads: int):
+    """The active and frozen heads' parts (heads along ``dim``) -> every head, in order, in one
+    new tensor; only the active part carries grad. None if the parts are (weights not returned)."""
+    if active is None:
+        return None
+    shape = list(active.shape)
+    shape[dim] = num_heads
+    out = active.new_empty(shape)
+    with torch.no_grad():
+        out.index_copy_(dim, g.frozen, frozen)
+    return out.index_copy_(dim, g.active, active)  # autograd: the active part's gradient, selected
 
 
 def _mha_mask(key_padding_mask, attn_mask, n, h, t, dtype):

@@ -9,9 +9,8 @@
 
 - Heads (row/column groups of attention projections): the attention blocks are converted in
   place (:func:`mat_cuda.nn.attention.convert_attention`); frozen heads' dW is not computed, and
-  in ``detach`` mode neither is their projections' dX nor (mat_bert, torch_mha) their attention
-  backward; HF blocks (hf_bert, hf_vit, hf_gpt2) still run the frozen heads' attention backward,
-  on zero gradients.
+  in ``detach`` mode neither is their projections' dX nor their attention backward (HF blocks:
+  HF's attention call is split by heads for the forward).
 - Whole-tensor modules (FFN blocks, experts, conv layers, embeddings): ``requires_grad`` is
   toggled (:class:`mat_cuda.nn.whole.WholeModuleSkipper`); FFN blocks' inputs are detached while
   frozen in ``detach`` mode.
