@@ -62,7 +62,7 @@ def _batch(cfg, device, seed):
 
 def _mat_step(model, mat, batch):
     def step():
-        mlm_loss(model(batch[0]), batch[1]).backward()
+        mlm_loss(model(batch[0], predict=batch[1] != -100), batch[1]).backward()
         mat.step()
         mat.zero_grad()
     return step
@@ -97,7 +97,7 @@ def _adamw(cfg, device):
     ids, labels = _batch(cfg, device, 0)
 
     def step():
-        mlm_loss(model(ids), labels).backward()
+        mlm_loss(model(ids, predict=labels != -100), labels).backward()  # head at masked positions
         opt.step()
         opt.zero_grad()
     return step

@@ -55,7 +55,7 @@ def _setup(cfg: dict, device: str, mode: str | None):
     labels[:, 0] = ids[:, 0]
 
     def fwd_bwd():
-        mlm_loss(model(ids), labels).backward()
+        mlm_loss(model(ids, predict=labels != -100), labels).backward()  # head at masked positions
 
     def step():
         fwd_bwd()

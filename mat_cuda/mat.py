@@ -21,6 +21,12 @@ armed by the constructor. :attr:`MAT.is_probe_step` says whether the step in pro
 At the probe step's :meth:`MAT.step`: K → λ → ``policy.step`` → the new mask is set on the
 optimizer and the Skipper *before* that step's optimizer update, so it already applies to it.
 
+Output kernels (``kernel="output"`` / ``"logit_sum"``, DESIGN.md's table). Nothing is armed: the
+training steps run with the mask in force, and at a probe step's :meth:`MAT.step` (before the
+optimizer update) MAT runs ``MNTKProbe.measure`` on the user's fixed ``probe_inputs`` in the
+Skipper's probe mode (every module measured, frozen ones included; ``.grad`` untouched). Cost:
+one forward and 1 (logit_sum) or k (output) backward passes on the probe batch per probe.
+
 Gradient accumulation. Pass ``accumulation_steps=A`` and call :meth:`MAT.step` and
 :meth:`MAT.zero_grad` after every micro-batch's backward: the first A−1 calls only count (and
 zero_grad does nothing), the A-th steps the optimizer. A probe step keeps probe mode on for all
@@ -76,7 +82,7 @@ from torch import nn
 
 from .discovery import Discovery, resolve_modules, unwrap_model
 from .linalg import lambda_max
-from .mntk import LOSS_REDUCTIONS, MNTKProbe
+from .mntk import LOSS_REDUCTIONS, MODES, MNTKProbe
 from .modules import ModuleMap
 from .nn import Skipper
 from .optim import MaskedAdamW, MaskedSGD, _MaskedOptimizer
@@ -115,8 +121,18 @@ class MAT:
             (for ``modules="auto"``, whose kinds are known only after discovery); or None for
             ``MATPolicy(kinds, warmup=warmup, probe_every=probe_every)``.
         probe_every, warmup: for the default policy only (defaults 100 and 1000).
-        probe_size: None (every sample of the batch) or p: K uses the first p samples.
-        kernel: the mNTK kernel mode; only ``"loss"`` (read from the training backward).
+        probe_size: loss kernel: None (every sample of the batch) or p: K uses the first p
+            samples. (The output kernels use ``probe_inputs`` as given.)
+        kernel: the mNTK kernel mode (DESIGN.md): ``"loss"`` (default: per-sample loss
+            gradients read from the probe step's own training backward, no extra pass),
+            ``"output"`` (k random output projections: a forward and k backward passes on
+            ``probe_inputs`` at each probe) or ``"logit_sum"`` (one backward on ``probe_inputs``).
+        probe_inputs: the probe batch of the output kernels (required there, unused in loss
+            mode): passed as ``model(probe_inputs)`` (tuple: ``model(*probe_inputs)``, dict:
+            ``model(**probe_inputs)``) or ``probe_forward(probe_inputs)``, which must return the
+            output tensor (n, ...). A fixed batch, so that λ is comparable across probes.
+        probe_forward: optional callable for the output kernels (e.g. ``lambda b: model(**b).logits``).
+        projections: k, the output projections of ``kernel="output"`` (default 4).
         backward: ``"detach"`` (default) or ``"exact"`` (see :class:`Skipper`).
         loss_reduction: ``"mean"`` (default) or ``"sum"``: how the loss sums per-sample terms.
         scaler: an optional ``torch.amp.GradScaler``.
@@ -135,14 +151,12 @@ class MAT:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, modules="auto",
                  policy: Union[MATPolicy, Callable[..., MATPolicy], None] = None, *, probe_every: Optional[int] = None,
                  warmup: Optional[int] = None, probe_size: Optional[int] = None,
-                 kernel: str = "loss", backward: str = "detach", loss_reduction: str = "mean",
+                 kernel: str = "loss", probe_inputs=None, probe_forward: Optional[Callable] = None,
+                 projections: int = 4, backward: str = "detach", loss_reduction: str = "mean",
                  scaler: Optional[torch.amp.GradScaler] = None, accumulation_steps: int = 1,
                  kinds: Iterable[str] = MAT_DEFAULT_KINDS, lanczos_iters: Optional[int] = None,
                  process_group=None):
-        if kernel != "loss":
-            raise ValueError(f"MAT: kernel must be 'loss' (read from the training backward), got "
-                             f"{kernel!r}; the output modes need a probe batch of their own: use "
-                             "MNTKProbe.measure directly")
+        _check_kernel(kernel, probe_inputs, probe_forward, probe_size)
         if backward not in _BACKWARD_MODES:
             raise ValueError(f"MAT: backward must be one of {_BACKWARD_MODES}, got {backward!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -167,8 +181,10 @@ class MAT:
         self.optimizer = _masked_optimizer(optimizer, mm)
         self.device = self.optimizer._device
         self.policy = _make_policy(policy, mm, probe_every, warmup)
-        self.probe = MNTKProbe(self.inner, mm, "loss", loss_reduction=loss_reduction,
-                               probe_size=probe_size)
+        self.kernel, self.probe_inputs, self.probe_forward = kernel, probe_inputs, probe_forward
+        self.probe = MNTKProbe(self.inner, mm, kernel, loss_reduction=loss_reduction,
+                               probe_size=probe_size, projections=projections,
+                               generator=_projection_generator(kernel, self.device))
         try:
             self.skipper = Skipper.from_discovery(self.discovery, mode=backward, strict=False)
         except Exception:
@@ -193,7 +209,9 @@ class MAT:
     # ---- the training-loop API ----
     @property
     def is_probe_step(self) -> bool:
-        """Whether the step in progress (whose forward/backward come next) is a probe step."""
+        """Whether the step in progress (whose forward/backward come next) runs in probe mode
+        (kernel "loss": every module computes its gradient, frozen ones included). The output
+        kernels measure on their own batch inside :meth:`step`; their training steps never do."""
         return self._probe_cm is not None
 
     @property
@@ -218,7 +236,7 @@ class MAT:
             self._arm()
             return False
         self._micro = 0
-        probed = self._armed
+        probed = self._armed or (self.kernel != "loss" and self._probe_due())
         if probed:
             self._finish_probe()
         elif self._probe_cm is not None:
@@ -248,10 +266,14 @@ class MAT:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
 
     # ---- probe steps ----
+    def _probe_due(self) -> bool:
+        """Whether the step in progress is a probe step (or retries a dropped probe)."""
+        return self._retry or self.policy.is_probe(self.step_count)
+
     def _arm(self) -> None:
-        """Prepare the coming micro-batch: probe mode for a probe step, hooks for its last."""
-        probe_step = self._retry or self.policy.is_probe(self.step_count)
-        if not probe_step:
+        """Loss kernel: prepare the coming micro-batch (probe mode for a probe step, hooks for
+        its last). The output kernels measure on their own batch in step(): nothing to arm."""
+        if self.kernel != "loss" or not self._probe_due():
             return
         if self._probe_cm is None:
             self._probe_cm = self.skipper.probe_mode()
@@ -293,7 +315,11 @@ class MAT:
 
     def _finish_probe(self) -> None:
         self._armed = False
-        K = self.probe.gram()
+        if self.kernel == "loss":
+            K = self.probe.gram()
+        else:  # every module measured on the probe batch, frozen ones included
+            with self.skipper.probe_mode():
+                K = self.probe.measure(self.probe_inputs, self.probe_forward)
         lam, vectors = self._lambda(K)
         lam = self._reduce_lambda(lam)
         self._leave_probe_mode()
@@ -426,6 +452,31 @@ def _resolve(model: nn.Module, modules, kinds) -> Discovery:
         return resolve_modules(model, modules, kinds)
     except ValueError as e:
         raise ValueError(f"MAT: the ModuleMap does not fit the model: {e}") from e
+
+
+def _check_kernel(kernel, probe_inputs, probe_forward, probe_size) -> None:
+    if kernel not in MODES:
+        raise ValueError(f"MAT: kernel must be one of {MODES}, got {kernel!r}")
+    if kernel == "loss":
+        if probe_inputs is not None or probe_forward is not None:
+            raise ValueError("MAT: probe_inputs / probe_forward are for kernel='output' or "
+                             "'logit_sum'; kernel='loss' reads the training backward")
+        return
+    if probe_inputs is None:
+        raise ValueError(f"MAT: kernel={kernel!r} measures on a probe batch of its own: pass "
+                         "probe_inputs (and probe_forward if model(probe_inputs) is not the "
+                         "output tensor)")
+    if probe_forward is not None and not callable(probe_forward):
+        raise TypeError(f"MAT: probe_forward must be callable, got {type(probe_forward).__name__}")
+    if probe_size is not None:
+        raise ValueError(f"MAT: probe_size selects samples of the training batch (kernel='loss'); "
+                         f"with kernel={kernel!r} pass the probe batch you want as probe_inputs")
+
+
+def _projection_generator(kernel: str, device: torch.device) -> Optional[torch.Generator]:
+    """The output kernel's own generator, so its projections never draw from the global RNG
+    (which the training loop's dropout or data order may use)."""
+    return torch.Generator(device=device).manual_seed(0) if kernel == "output" else None
 
 
 def _make_policy(policy, mm: ModuleMap, probe_every, warmup) -> MATPolicy:

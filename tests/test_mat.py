@@ -315,8 +315,17 @@ def test_optimizer_that_cannot_be_wrapped():
 def test_other_bad_arguments():
     model = make_model()
     opt = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ValueError, match="kernel must be 'loss'"):
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        MAT(model, opt, kernel="hessian")
+    with pytest.raises(ValueError, match="probe batch of its own"):
         MAT(model, opt, kernel="output")
+    x_probe = make_batches(1)[0][0]
+    with pytest.raises(ValueError, match="kernel='loss' reads the training backward"):
+        MAT(model, opt, probe_inputs=x_probe)
+    with pytest.raises(ValueError, match="probe_size selects samples"):
+        MAT(model, opt, kernel="logit_sum", probe_inputs=x_probe, probe_size=2)
+    with pytest.raises(TypeError, match="probe_forward must be callable"):
+        MAT(model, opt, kernel="logit_sum", probe_inputs=x_probe, probe_forward=3)
     with pytest.raises(ValueError, match="backward must be"):
         MAT(model, opt, backward="skip")
     with pytest.raises(ValueError, match="accumulation_steps"):
@@ -331,6 +340,36 @@ def test_other_bad_arguments():
         MAT(model, opt, policy=lambda kinds, names: MATPolicy(kinds[:-1]))
     # Nothing was left converted or hooked by the failed constructions.
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("kernel", ["logit_sum", "output"])
+def test_output_kernels_measure_every_module_on_the_probe_batch(kernel):
+    from mat_cuda.reference import (lambda_max_reference, module_grams_reference,
+                                    per_sample_grads_reference)
+
+    model = make_model()
+    x_probe = make_batches(1, n=5, seed=7)[0][0]
+    batches = make_batches(5)
+    # Reference for the first probe (step 0, before any update): logit_sum's row i is
+    # ∇ Σ_o f_o(x_i), by torch.func on an unconverted copy of the model.
+    twin = copy.deepcopy(model)
+    grads = per_sample_grads_reference(twin, lambda out: out.sum(), x_probe)
+    K_ref = module_grams_reference(twin, mat_cuda.discover(twin, ("head", "ffn")).module_map, grads)
+    mat = build(model, kernel=kernel, probe_inputs=x_probe)
+    rng = torch.random.get_rng_state()
+    for b in batches:
+        step(mat, model, b)
+        assert not mat.is_probe_step  # the training steps never run in probe mode
+    # The output kernel's projections come from MAT's own generator, not the global RNG.
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    rep = mat.report()
+    assert rep["step"].tolist() == [0, 2, 4]
+    if kernel == "logit_sum":
+        torch.testing.assert_close(rep["lam"][0].double(), lambda_max_reference(K_ref),
+                                   rtol=1e-4, atol=1e-8)
+    # Every module is measured at every probe, the frozen ones included.
+    assert bool((rep["lam"] > 0).all())
+    assert not bool(rep["mask"][1].all()) and bool(rep["mask"][1].any())
 
 
 def test_policy_factory_gets_the_discovered_kinds_and_names():
