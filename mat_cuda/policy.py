@@ -406,7 +406,11 @@ class MATPolicy:
     Call :meth:`step` at every probe step (``is_probe(step)``) with that probe's λ; it returns the
     mask to use until the next probe: all True during warm-up (``step < warmup``), afterwards
     ``modular.update(λ, exclude=retired)`` with the temporal policy's retired modules excluded.
-    The temporal policy sees every probe, warm-up included (λ_0, λ_1 are the first two probes).
+    The temporal policy sees the probes from the end of warm-up on (λ_0, λ_1 are the first two
+    probes at step ≥ warmup): during warm-up λ first collapses from its initial value and then
+    grows by orders of magnitude (measured on the benchmark's mlm task, docs/policy.md), so
+    warm-up intervals would both set a meaningless scale d_m and retire modules whose λ sat
+    near 0 for two probes.
 
     Args:
         kinds: kind of each module, length M.
@@ -452,7 +456,8 @@ class MATPolicy:
             raise ValueError(f"steps must increase: got {step} after {self.last_step}")
         lam64 = check_lambda(lam, self.names)
         trained = self.mask if self.mask is not None else torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
-        retired = self.temporal.update(lam64, trained) if self.temporal is not None else None
+        retired = self.temporal.update(lam64, trained) \
+            if self.temporal is not None and step >= self.warmup else None
         if step < self.warmup:
             mask = torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
         else:

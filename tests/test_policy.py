@@ -256,7 +256,7 @@ def test_temporal_zero_initial_change(device):
 def test_mat_policy_excludes_retired_and_reports_convergence(device):
     kinds = ["head", "head", "ffn", "ffn"]
     pol = MATPolicy(kinds, modular=ModularPolicy(kinds, alpha=0.5), temporal=TemporalPolicy(kinds, eps=0.1, patience=1),
-                    warmup=2, probe_every=1)
+                    warmup=0, probe_every=1)
     pol.step(0, lam_of([1.0, 1.0, 1.0, 1.0], device))
     pol.step(1, lam_of([2.0, 2.0, 2.0, 2.0], device))
     mask = pol.step(2, lam_of([2.01, 3.0, 3.0, 2.01], device))  # modules 0 and 3 retired
@@ -266,6 +266,23 @@ def test_mat_policy_excludes_retired_and_reports_convergence(device):
     rep = pol.report()
     assert rep["converged_kinds"] == ["head", "ffn"]
     assert rep["active_fraction"]["head"].tolist() == [1.0, 1.0, 0.5, 0.0]
+
+
+def test_temporal_policy_starts_after_warmup(device):
+    # λ flat near 0 early in warm-up, then growing: nothing retires during warm-up, and the
+    # scale d_m comes from the first two probes after it.
+    kinds = ["head", "head"]
+    temporal = TemporalPolicy(kinds, eps=0.1, patience=1)
+    pol = MATPolicy(kinds, modular=ModularPolicy(kinds, alpha=0.5), temporal=temporal,
+                    warmup=3, probe_every=1)
+    for step, lam in enumerate([[1.0, 1.0], [1e-5, 1e-5], [1e-5, 1e-5]]):  # warm-up
+        assert mask_list(pol.step(step, lam_of(lam, device))) == [True, True]
+    assert temporal.previous is None  # warm-up probes were not recorded
+    pol.step(3, lam_of([1.0, 1.0], device))   # λ_0
+    pol.step(4, lam_of([2.0, 3.0], device))   # λ_1: d = (1, 2)
+    mask = pol.step(5, lam_of([2.05, 4.0], device))  # r = (0.05, 0.5): module 0 retires
+    assert mask_list(mask) == [False, True]
+    assert temporal.scale.tolist() == [1.0, 2.0]
 
 
 # ---------------------------------------------------------------- invalid λ
