@@ -326,6 +326,7 @@ class MATMethod:
                 "mask_history": self.history,
                 "reentries": None if rep["reentries"] is None else rep["reentries"].tolist(),
                 "converged_kinds": rep["converged_kinds"],
+                "retired": None if rep["retired"] is None else rep["retired"].tolist(),
                 "mat_compute_saved_analytic": rep["compute_saved"],
                 "probe_steps": list(self.mat.probe_steps)}
 
