@@ -67,9 +67,9 @@ parameters, T tokens); a frozen, skipped module m saves 2·N_m·T (its weight gr
 ``detach`` mode for heads and FFN/expert blocks, 4·N_m·T (its input gradient too). Probe steps
 are dense. Attention score products and embeddings are left out of both.
 
-The defaults (``probe_every=100``, ``warmup=1000``, whole-batch probe) are provisional: the
-probe overhead at ``probe_every=100`` is measured in benchmarks/bench_mat.py; the policy's
-constants are docs/policy.md's, none tuned on the benchmark suite yet.
+Defaults: ``probe_every=100`` (probe overhead measured at ~0.4% of training time,
+benchmarks/bench_mat.py), ``warmup=1000`` (task-dependent: the benchmark uses 20% of its run),
+whole-batch probe; the policy's constants and the evidence for them: docs/policy.md.
 """
 from __future__ import annotations
 
