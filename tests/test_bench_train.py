@@ -273,11 +273,71 @@ def test_report_refuses_what_does_not_compare(tmp_path, capsys):
     _train_json(tmp_path / "longer", "baseline", "1", extra=("--steps", "6"))
     _train_json(tmp_path / "m1", "mat", "1")
     _train_json(tmp_path / "m2", "mat", "2", extra=("--mat-policy", "mode=budget"))
+    _train_json(tmp_path / "m3", "mat", "3", extra=("--mat-kernel", "logit_sum"))
     for argv, message in (([tmp_path / "a", tmp_path / "a"], "also in"),
                           ([tmp_path / "a", tmp_path / "longer"], "other settings (['steps'])"),
                           ([tmp_path / "m1", tmp_path / "m2"], "different policies"),
+                          ([tmp_path / "m1", tmp_path / "m3"], "different MAT kernels"),
                           ([tmp_path / "nothing"], "cannot read")):
         capsys.readouterr()
         rc = main(["report", *map(str, argv), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------ --mat-kernel (output kernels)
+@pytest.mark.parametrize("task_name", ["mlm", "cnn"])
+def test_output_kernel_probe_passes_are_charged_at_probes(task_name):
+    """The output kernels' own passes on the fixed probe batch are counted at each probe step
+    (not at other steps), once per probe and the same each time; they cost at least one
+    forward of the probe batch, and k = 4 projections cost more than logit_sum's one backward."""
+    _needs_task_deps(task_name)
+    from benchmarks.train.tasks import build_task
+    from mat_cuda.flops import FlopMeter
+
+    cfg = _tiny(task_name)
+    charged = {}
+    for kernel in ("logit_sum", "output"):
+        task = build_task(task_name, cfg, 0, "cpu")
+        inputs, forward = task.probe_batch
+        assert inputs.shape[0] == cfg["batch_size"]
+        method = build_method("mat", task.model, lr=1e-3, warmup=1, probe_every=2, seed=0,
+                              mat_kernel=kernel, probe_batch=task.probe_batch)
+        assert method.mat.kernel == kernel
+        batches = task.train_batches()
+        extras, probes = [], []
+        for step in range(5):
+            before = len(method.mat.probe_steps)
+            task.loss_fn(task.model, next(batches)).backward()
+            method.step(step)
+            method.zero_grad()
+            extras.append(method.extra_flops())
+            probes.append(len(method.mat.probe_steps) > before)
+        assert sum(probes) >= 2
+        assert all((e > 0) == p for e, p in zip(extras, probes)), (extras, probes)
+        assert len({e for e, p in zip(extras, probes) if p}) == 1
+        with torch.no_grad(), FlopMeter(task.model) as meter:
+            forward(task.model, inputs)
+        charged[kernel] = max(extras)
+        assert charged[kernel] > meter.summary()["total"] > 0
+    assert charged["output"] > charged["logit_sum"]
+
+
+def test_unknown_mat_kernel_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse choices
+        main(["train", "--size", "tiny", "--mat-kernel", "hessian", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "--mat-kernel" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_output_kernel_run_records_its_kernel(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = _train_json(tmp_path / "o", "mat", "0", extra=("--mat-kernel", "output"))
+    assert res["config"]["mat_kernel"] == "output"
+    (run,) = res["runs"]
+    assert run["mat_kernel"] == "output" and run["probe_steps"]
+    loss_run = _train_json(tmp_path / "l", "mat", "0")["runs"][0]
+    assert loss_run["mat_kernel"] == "loss"
+    # Same masks would give the same training FLOPs; the output kernel adds its probe passes
+    # and skips the loss kernel's all-active probe steps, so the totals differ.
+    assert run["total_flops"] != loss_run["total_flops"]

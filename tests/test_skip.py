@@ -73,38 +73,61 @@ def test_col_grouped_linear_matches_masked_reference(device, exact_dx):
     assert_close_rel(b.grad, dy.reshape(-1, d_out).sum(0))  # shared bias: full gradient
 
 
-def test_active_rows_and_cols_linear(device):
+@pytest.mark.parametrize("bias", [True, False])
+def test_active_rows_and_cols_linear(device, bias):
     """Detach-mode variants: only the active part carries grad; results equal plain autograd."""
     x = torch.randn(2, 5, 8, device=device, dtype=torch.float64, requires_grad=True)
     w = torch.randn(12, 8, device=device, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(12, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, device=device, dtype=torch.float64, requires_grad=True) if bias else None
     rows = torch.tensor([0, 1, 2, 9, 10, 11], device=device)
-    y_a, y = active_rows_linear(x, w, b, rows)
-    assert torch.equal(y, F.linear(x, w, b)) and torch.equal(y_a, y[..., rows]) and not y.requires_grad
+    frozen = torch.tensor([3, 4, 5, 6, 7, 8], device=device)
+    y_a, y_f = active_rows_linear(x, w, b, rows, frozen)
+    y = F.linear(x, w, b).detach()
+    assert_close_rel(y_a, y[..., rows], tol=1e-12)
+    assert_close_rel(y_f, y[..., frozen], tol=1e-12)
+    assert y_a.requires_grad and not y_f.requires_grad
     dy = torch.randn_like(y_a)
     y_a.backward(dy)
-    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    x2, w2 = (t.detach().clone().requires_grad_() for t in (x, w))
+    b2 = b.detach().clone().requires_grad_() if bias else None
     F.linear(x2, w2, b2)[..., rows].backward(dy)
-    for got, ref in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
-        assert_close_rel(got, ref)
-    # Columns: y = x_full W_oᵀ + b; the gradient reaches the active columns' inputs only.
+    assert_close_rel(x.grad, x2.grad)
+    assert_close_rel(w.grad, w2.grad)  # frozen rows: exactly zero in both
+    assert torch.all(w.grad[frozen] == 0)
+    if bias:
+        assert_close_rel(b.grad, b2.grad)
+    # Columns: y = x W_oᵀ + b with x's columns `rows` = x_active, `frozen` = x_frozen.
     wo = torch.randn(5, 12, device=device, dtype=torch.float64, requires_grad=True)
-    bo = torch.randn(5, device=device, dtype=torch.float64, requires_grad=True)
+    bo = torch.randn(5, device=device, dtype=torch.float64, requires_grad=True) if bias else None
     xa = y_a.detach().clone().requires_grad_()
-    out = active_cols_linear(xa, y.detach(), wo, bo, rows)
-    assert torch.equal(out, F.linear(y, wo, bo))
+    out = active_cols_linear(xa, y_f, wo, bo, rows, frozen)
+    assert_close_rel(out, F.linear(y, wo, bo), tol=1e-12)
     dout = torch.randn_like(out)
     out.backward(dout)
-    wo2, bo2 = wo.detach().clone().requires_grad_(), bo.detach().clone().requires_grad_()
+    wo2 = wo.detach().clone().requires_grad_()
+    bo2 = bo.detach().clone().requires_grad_() if bias else None
     xa2 = y_a.detach().clone().requires_grad_()
-    full = y.detach().clone()
+    full = y.clone()
     full[..., rows] = 0
     F.linear(full.index_add(-1, rows, xa2), wo2, bo2).backward(dout)
-    for got, ref in ((xa.grad, xa2.grad), (wo.grad[:, rows], wo2.grad[:, rows]), (bo.grad, bo2.grad)):
-        assert_close_rel(got, ref)
-    cols_mask = torch.zeros(12, dtype=torch.bool, device=device)
-    cols_mask[rows] = True
-    assert torch.all(wo.grad[:, ~cols_mask] == 0)
+    assert_close_rel(xa.grad, xa2.grad)
+    assert_close_rel(wo.grad[:, rows], wo2.grad[:, rows])
+    assert torch.all(wo.grad[:, frozen] == 0)
+    if bias:
+        assert_close_rel(bo.grad, bo2.grad)
+
+
+def test_active_rows_and_cols_linear_without_frozen_part(device):
+    """f = 0 (an empty frozen part) is allowed: the layer is then the plain one."""
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    w = torch.randn(6, 4, device=device, requires_grad=True)
+    none = torch.empty(0, dtype=torch.int64, device=device)
+    y_a, y_f = active_rows_linear(x, w, None, torch.arange(6, device=device), none)
+    assert y_f.shape == (3, 0)
+    assert_close_rel(y_a, F.linear(x, w).detach(), tol=1e-6)
+    out = active_cols_linear(y_a, y_f, w.t().contiguous(), None, torch.arange(6, device=device), none)
+    assert out.shape == (3, 4)
+    assert_close_rel(out, F.linear(y_a, w.t()).detach(), tol=1e-6)
 
 
 def test_grouped_linear_all_and_no_groups(device):
@@ -335,6 +358,22 @@ def test_step_flops_fall_with_frozen_fraction(mode):
         model.zero_grad(set_to_none=True)
         flops.append(_flops(lambda: mlm_loss(model(ids, amask), labels).backward()))
     assert all(a > b for a, b in zip(flops, flops[1:])), flops
+
+
+@pytest.mark.parametrize("mode", ["detach", "exact"])
+def test_converted_forward_flops_equal_unconverted(mode):
+    """The forward does the same work whatever the mask (every head is computed), so FLOP
+    counters see the same forward FLOPs: a product the counter cannot see (e.g. an in-place
+    addmm_) would show up here."""
+    model = _bert("cpu", dtype=torch.float32)
+    mm, attns, ffns = _split(model)
+    ids, amask, _ = _batch("cpu", n=3, t=11)
+    with torch.no_grad():
+        full = _flops(lambda: model(ids, amask))
+    skipper = Skipper(mm, attns, ffns, mode=mode)
+    for frac in (0.25, 0.5, 1.0):
+        skipper.set_mask(_random_mask(mm, frac, gen_seed=3))
+        assert _flops(lambda: model(ids, amask)) == full, frac
 
 
 def test_frozen_heads_dw_flops_counted_exactly():

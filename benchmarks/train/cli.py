@@ -5,7 +5,8 @@ import argparse
 import json
 import os
 
-from .methods import METHODS, POLICY_OPTIONS, SELECTION_METHODS, MethodError, mat_policy_factory
+from .methods import (MAT_KERNELS, METHODS, POLICY_OPTIONS, SELECTION_METHODS, MethodError,
+                      mat_policy_factory)
 from .report import SCHEMA_VERSION, markdown_summary, summarize_task, write_plots
 from .runner import run_one, savings_ceiling
 from .tasks import SIZES, TASKS, size_config
@@ -42,6 +43,10 @@ def add_train_args(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     p.add_argument("--mat-policy", default=None,
                    help="change MAT's default policy: key=value,... with keys among "
                         f"{','.join(POLICY_OPTIONS)} (e.g. mode=budget,budget=0.5,temporal=off)")
+    p.add_argument("--mat-kernel", default="loss", choices=MAT_KERNELS,
+                   help="MAT's mNTK kernel: loss (default: per-sample loss gradients of the probe "
+                        "step's training batch), logit_sum or output (measured on a fixed probe "
+                        "batch of the training data at each probe; their passes' FLOPs are counted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -95,7 +100,7 @@ def parse_plan(args, quick: bool) -> dict:
                                                          "probe_every")
                            if getattr(args, k) is not None},
                 text_data=args.text_data, image_data=args.image_data,
-                policy_options=policy_options,
+                policy_options=policy_options, mat_kernel=args.mat_kernel,
                 progress=not args.no_progress)
 
 
@@ -141,7 +146,8 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                "config": {"device": device, "size": plan["size"], "seeds": plan["seeds"],
                           "tasks": plan["tasks"], "methods": plan["methods"],
                           "overrides": plan["overrides"], "active_fraction": plan["fractions"],
-                          "mat_policy": plan.get("policy_options") or "default"},
+                          "mat_policy": plan.get("policy_options") or "default",
+                          "mat_kernel": plan.get("mat_kernel", "loss")},
                "task_configs": configs, "ceilings": ceilings, "runs": runs, "summary": {},
                "kernels": kernels or [], "skipped": []}
     for task in plan["tasks"]:
@@ -163,7 +169,8 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                     try:
                         rec = run_one(task, name, seed, cfg, device, data, fractions=fractions,
                                       kind=kind, progress=plan["progress"],
-                                      policy_options=plan.get("policy_options"))
+                                      policy_options=plan.get("policy_options"),
+                                      mat_kernel=plan.get("mat_kernel", "loss"))
                     except (MethodError, RuntimeError) as exc:
                         # A method that cannot run on this task (e.g. MAT's loss-mode probe on
                         # a model it cannot split per sample): recorded and reported, not hidden.
@@ -174,6 +181,7 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                                                    "why": str(exc)})
                         continue
                     rec["mat_policy"] = plan.get("policy_options") or "default"
+                    rec["mat_kernel"] = plan.get("mat_kernel", "loss")
                     runs.append(rec)
                     if name == "mat":
                         mat_fraction = rec["mean_active_fraction_after_warmup"]
@@ -233,6 +241,7 @@ def merge_results(paths: list) -> dict:
                 raise UsageError(f"{file}: {key[0]}/{key[1]} seed {key[2]} also in {seen[key]}")
             seen[key] = file
             run.setdefault("mat_policy", res["config"].get("mat_policy", "default"))
+            run.setdefault("mat_kernel", res["config"].get("mat_kernel", "loss"))
             merged["runs"].append(run)
         merged["skipped"] += res.get("skipped", [])
         merged["kernels"] += res.get("kernels", [])
@@ -242,6 +251,11 @@ def merge_results(paths: list) -> dict:
         raise UsageError(f"the mat runs used different policies ({sorted(policies)}): "
                          "merge one policy at a time")
     merged["config"]["mat_policy"] = json.loads(policies.pop()) if policies else "default"
+    kernels = {r["mat_kernel"] for r in merged["runs"] if r["method"] == "mat"}
+    if len(kernels) > 1:
+        raise UsageError(f"the mat runs used different MAT kernels ({sorted(kernels)}): "
+                         "merge one kernel at a time")
+    merged["config"]["mat_kernel"] = kernels.pop() if kernels else "loss"
     merged["config"]["seeds"] = sorted({r["seed"] for r in merged["runs"]})
     merged["config"]["methods"] = list(dict.fromkeys(r["method"] for r in merged["runs"]))
     return merged

@@ -29,6 +29,7 @@ import math
 import torch
 
 import mat_cuda
+from mat_cuda.flops import FlopMeter
 
 METHODS = ("baseline", "mat", "random", "gradnorm", "freeze_all")
 # Module kinds of every method: MAT's default (embeddings stay shared: the loss-mode probe
@@ -101,6 +102,10 @@ class MaskedMethod:
 
     def extra_report(self) -> dict:
         return {}
+
+    def extra_flops(self) -> int:
+        """FLOPs the last :meth:`step` executed beyond the metered training pass (0 here)."""
+        return 0
 
     # ---- selection ----
     def scores(self):
@@ -259,16 +264,21 @@ def mat_policy_factory(options: dict, warmup: int, probe_every: int):
     return factory
 
 
+MAT_KERNELS = ("loss", "logit_sum", "output")  # `--mat-kernel`: MAT's mNTK kernel
+
+
 class MATMethod:
-    """The MAT controller (``mat_cuda.MAT``, loss-mode probe on the training batch; its default
-    policy, or the default with ``policy_options`` changed), driven like the other methods. Its
-    AdamW is rebuilt by MAT as a MaskedAdamW on MAT's module map (the same discovery kinds as
-    the other methods)."""
+    """The MAT controller (``mat_cuda.MAT``; its default policy, or the default with
+    ``policy_options`` changed), driven like the other methods. ``kernel="loss"`` (default):
+    the loss-mode probe on the probe step's training batch; ``"logit_sum"`` / ``"output"``:
+    measured on the task's fixed probe batch at each probe (their passes' FLOPs are charged
+    through :meth:`extra_flops`). Its AdamW is rebuilt by MAT as a MaskedAdamW on MAT's module
+    map (the same discovery kinds as the other methods)."""
 
     name = "mat"
 
     def __init__(self, model, lr, warmup, probe_every, seed, weight_decay=0.01, probe_size=None,
-                 policy_options: dict | None = None):
+                 policy_options: dict | None = None, kernel: str = "loss", probe_batch=None):
         if not hasattr(mat_cuda, "MAT"):
             raise MethodError("method 'mat' needs mat_cuda.MAT, which is not part of this build "
                               "of mat_cuda")
@@ -278,12 +288,24 @@ class MATMethod:
             schedule = dict(policy=mat_policy_factory(policy_options, warmup, probe_every))
         else:
             schedule = dict(probe_every=probe_every, warmup=warmup)
-        self.mat = mat_cuda.MAT(model, optimizer, probe_size=probe_size, kinds=MODULE_KINDS,
-                                **schedule)
+        if kernel not in MAT_KERNELS:
+            raise MethodError(f"unknown MAT kernel {kernel!r}; choose from {', '.join(MAT_KERNELS)}")
+        self.model = model
+        if kernel == "loss":
+            probe = dict(probe_size=probe_size)
+        else:  # output kernels: the task's fixed probe batch, measured at every probe
+            if probe_batch is None:
+                raise MethodError(f"kernel {kernel!r} needs the task's fixed probe batch")
+            inputs, forward = probe_batch
+            probe = dict(kernel=kernel, probe_inputs=inputs,
+                         probe_forward=lambda batch: forward(model, batch))
+        self.mat = mat_cuda.MAT(model, optimizer, kinds=MODULE_KINDS, **probe, **schedule)
         self.optimizer = self.mat.optimizer
         self.kinds = self.mat.module_map.kinds
         self.names = self.mat.module_map.names
         self.history = {}
+        self._measure_flops = None  # output kernels: FLOPs of one probe's measure passes
+        self._last_extra = 0
 
     def is_probe(self, step: int) -> bool:
         return self.mat.is_probe_step
@@ -307,7 +329,25 @@ class MATMethod:
                 self.mat.probe.begin(loss_scale=self.mat._loss_scale())
 
     def step(self, step: int) -> None:
-        self.mat.step()
+        self._last_extra = 0
+        if self.mat.kernel == "loss" or not self.mat.policy.is_probe(self.mat.step_count):
+            self.mat.step()
+            return
+        # An output-kernel probe runs its own forward and backward passes on the probe batch
+        # inside MAT.step: metered once (the first probe; the same work every probe), charged
+        # at every probe. (The metered call's wall time includes the meter's overhead.)
+        if self._measure_flops is None:
+            with FlopMeter(self.model) as meter:
+                self.mat.step()
+            self._measure_flops = meter.summary()["total"]
+        else:
+            self.mat.step()
+        self._last_extra = self._measure_flops
+
+    def extra_flops(self) -> int:
+        """FLOPs of the output kernels' probe passes run by the last :meth:`step` (0 when it
+        did not probe, and always 0 for the loss kernel, whose probe is the training pass)."""
+        return self._last_extra
 
     def zero_grad(self) -> None:
         self.mat.zero_grad()
@@ -333,9 +373,12 @@ class MATMethod:
 
 def build_method(name: str, model, *, lr: float, warmup: int, probe_every: int, seed: int,
                  fractions: dict | None = None, kind: str | None = None, probe_size=None,
-                 policy_options: dict | None = None):
+                 policy_options: dict | None = None, mat_kernel: str = "loss",
+                 probe_batch=None):
     """The method ``name`` ("freeze_all" needs ``kind``; random/gradnorm need ``fractions``;
-    ``policy_options`` changes MAT's default policy, see :func:`mat_policy_factory`)."""
+    ``policy_options`` changes MAT's default policy, see :func:`mat_policy_factory`;
+    ``mat_kernel`` is MAT's mNTK kernel, the output kernels measure on ``probe_batch``,
+    ``(inputs, forward(model, inputs) -> output (n, ...))``)."""
     common = dict(lr=lr, warmup=warmup, probe_every=probe_every, seed=seed)
     if name == "baseline":
         return Baseline(model, **common)
@@ -346,5 +389,6 @@ def build_method(name: str, model, *, lr: float, warmup: int, probe_every: int, 
     if name == "gradnorm":
         return GradNorm(model, fractions=fractions or {}, **common)
     if name == "mat":
-        return MATMethod(model, probe_size=probe_size, policy_options=policy_options, **common)
+        return MATMethod(model, probe_size=probe_size, policy_options=policy_options,
+                         kernel=mat_kernel, probe_batch=probe_batch, **common)
     raise MethodError(f"unknown method {name!r}; choose from {METHODS}")

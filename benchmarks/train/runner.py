@@ -7,7 +7,9 @@ What is measured, per run:
     the same count. The metered pass runs on a copy of the step (its gradients are discarded)
     and its time is not counted in wall time. Exact for mlm and cnn (a step's FLOPs depend on
     the mask, not on the data); for moe the split of tokens between experts varies per batch,
-    so frozen experts' savings are an estimate from that first batch. Not counted: element-wise
+    so frozen experts' savings are an estimate from that first batch. MAT's output kernels
+    run their own passes on a fixed probe batch inside the probe step's ``method.step``: metered
+    once and charged at every probe (``method.extra_flops()``). Not counted: element-wise
     work, the optimizer, and MAT's Gram/Lanczos kernels (custom ops; their cost is in the wall time).
   - wall time: the training steps (forward, backward, optimizer, probes and mask updates),
     without evaluation and without metering, synchronised on CUDA at each evaluation.
@@ -50,7 +52,7 @@ def _sync(device: str) -> None:
 def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str = "cpu",
             data_path: str | None = None, fractions: dict | None = None,
             kind: str | None = None, progress: bool = True,
-            policy_options: dict | None = None) -> dict:
+            policy_options: dict | None = None, mat_kernel: str = "loss") -> dict:
     """Train ``task_name`` with ``method_name`` for ``cfg["steps"]`` steps; return the record
     written to results.json (see report.py for its schema)."""
     task = build_task(task_name, cfg, seed, device, data_path)
@@ -58,7 +60,8 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str 
     method = build_method(method_name, model, lr=cfg["lr"], warmup=cfg["warmup"],
                           probe_every=cfg["probe_every"], seed=seed, fractions=fractions,
                           kind=kind, probe_size=cfg.get("probe_size"),
-                          policy_options=policy_options)
+                          policy_options=policy_options, mat_kernel=mat_kernel,
+                          probe_batch=task.probe_batch)
     model.train()
     batches = task.train_batches()
     flops_of_state: dict = {}
@@ -91,7 +94,7 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str 
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
             _sync(device)
         wall += time.perf_counter() - t0
-        total_flops += flops_of_state[state]["total"]
+        total_flops += flops_of_state[state]["total"] + method.extra_flops()
         fraction_history.append({"step": step, **method.active_fraction()})
         if bar is not None:
             bar.update(1)

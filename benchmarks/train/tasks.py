@@ -4,6 +4,10 @@ A task is built per seed (:func:`build_task`) and gives the runner
   - ``model`` (nn.Module), ``train_batches()`` (an endless iterator of batches),
   - ``loss_fn(model, batch) -> scalar loss`` (the training objective),
   - ``evaluate(model) -> {"loss": float, <metric>: float}`` on a fixed validation set,
+  - ``probe_batch``: MAT's output kernels' fixed probe batch, ``(inputs, forward)`` with
+    ``forward(model, inputs) -> output (n, ...)`` (the model's full output per sample: every
+    position's logits for mlm/moe, the class logits for cnn), drawn once per run from the
+    training data (its own seed, so not the first training batch),
   - ``config`` (what was built, for results.json).
 mlm: BertEncoderMLM on text (perplexity = exp(eval loss)); cnn: VGGNet on images (accuracy);
 moe: SwitchMoELM on the mlm data (experts as modules), loss + 0.01 · load-balancing loss.
@@ -73,6 +77,14 @@ class Task:
     evaluate: Callable[[torch.nn.Module], dict]
     metric: str  # "perplexity" or "accuracy"
     config: dict
+    probe_batch: tuple  # (inputs, forward(model, inputs) -> output (n, ...))
+
+
+PROBE_SEED_OFFSET = 7_919  # the probe batch's draw: another seed than the training order's
+
+
+def _full_output(model, inputs):
+    return model(inputs)
 
 
 def build_task(name: str, cfg: dict, seed: int, device: str, data_path: str | None = None) -> Task:
@@ -142,11 +154,15 @@ def _text_task(name, cfg, seed, device, data_path) -> Task:
         for x, y in _endless(lambda: iter(batcher)):
             yield x.to(device), y.to(device)
 
+    probe_x, _ = next(iter(MLMBatcher(train_ids, cfg["seq_len"], cfg["batch_size"],
+                                      seed=seed + PROBE_SEED_OFFSET, **common)))
+
     config = dict(model=type(model).__name__, model_config=model.config, tokenizer=repr(tok),
                   train_tokens=int(train_ids.numel()), eval_tokens=int(valid_ids.numel()),
                   data=data_path or "embedded (Python standard library docs)",
                   parameters=sum(p.numel() for p in model.parameters()))
-    return Task(name, model, batches, loss_fn, evaluate, "perplexity", config)
+    return Task(name, model, batches, loss_fn, evaluate, "perplexity", config,
+                (probe_x.to(device), _full_output))
 
 
 @functools.lru_cache(maxsize=2)
@@ -197,4 +213,7 @@ def _image_task(cfg, seed, device, data_path) -> Task:
     config = dict(model="VGGNet", model_config=model.config, data=data.source,
                   train_images=len(tx), eval_images=len(vx),
                   parameters=sum(p.numel() for p in model.parameters()))
-    return Task("cnn", model, lambda: _endless(epoch_iter), loss_fn, evaluate, "accuracy", config)
+    g = torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET)
+    probe_x = tx[torch.randperm(len(tx), generator=g)[:bs]].to(device)
+    return Task("cnn", model, lambda: _endless(epoch_iter), loss_fn, evaluate, "accuracy", config,
+                (probe_x, _full_output))

@@ -6,10 +6,14 @@ with one that, while some heads are frozen (styles ``mat_bert`` and ``torch_mha`
 keep HF's forward, replace the projections' ``forward`` and split HF's attention call, see the
 end):
 
-- computes the Q/K/V (or packed QKV) projection with the full weight in one GEMM (forward
-  unchanged) through :func:`row_grouped_linear`, whose backward computes dW and db only for the
-  rows of active heads, and the output projection through :func:`col_grouped_linear`, whose
-  backward computes dW only for the columns of active heads (W_O's bias is shared: full gradient);
+- ``mode="exact"`` computes the Q/K/V (or packed QKV) projection with the full weight in one
+  GEMM (forward unchanged) through :func:`row_grouped_linear`, whose backward computes dW and db
+  only for the rows of active heads, and the output projection through
+  :func:`col_grouped_linear`, whose backward computes dW only for the columns of active heads
+  (W_O's bias is shared: full gradient); ``mode="detach"`` keeps the active and frozen heads
+  apart from the projections on (:func:`active_rows_linear`: one GEMM on the active heads' rows
+  with grad, one on the frozen heads' rows without; :func:`active_cols_linear` for W_O), so
+  no activation is gathered or scattered by head;
 - ``mode="detach"`` (the paper's partial back-propagation): the attention of frozen heads is
   computed under ``no_grad`` from their detached Q/K/V, so no gradient flows through frozen heads:
   their attention backward, their share of dX of the projections and their share of W_O's dX are
@@ -18,9 +22,9 @@ end):
 - ``mode="exact"``: every head's attention backward runs, so dX is exactly the unconverted
   model's; only the frozen heads' weight gradients are skipped.
 
-The outputs are assembled in head order, so the forward equals the unconverted block's (the same
-ops on the same numbers; each head's attention is computed in a smaller batch, which on the
-tested CPU builds is bitwise equal, and within 1e-6 relative in any case). With dropout > 0 in
+The forward equals the unconverted block's to rounding (the same ops on the same numbers; each
+head's attention is computed in a smaller batch, and in detach mode the projections in two
+GEMMs and W_O's product as two partial sums: within 1e-6 relative in float32). With dropout > 0 in
 training the dropout draws differ in order from the unconverted block (same distribution).
 
 When every head is active, or while probing (:meth:`ConvertedAttention.set_active` with
@@ -95,7 +99,8 @@ class HeadGroups:
 
     active, frozen (int64, head ids, ascending),
     rows (int64 (n_active·d_h,): rows of a (H·d_h)-row weight owned by the active heads; also the
-    W_O columns), rows3 (int64 (3·n_active·d_h,): the same rows in each block of a packed [Q;K;V]).
+    W_O columns), rows3 (int64 (3·n_active·d_h,): the same rows in each block of a packed [Q;K;V]),
+    frozen_rows, frozen_rows3: the same for the frozen heads.
     """
 
     active_list: tuple[int, ...]
@@ -103,20 +108,28 @@ class HeadGroups:
     frozen: torch.Tensor
     rows: torch.Tensor
     rows3: torch.Tensor
+    frozen_rows: torch.Tensor
+    frozen_rows3: torch.Tensor
 
     @classmethod
     def build(cls, active: Sequence[bool], head_dim: int, device: torch.device) -> "HeadGroups":
         num_heads = len(active)
+        width = num_heads * head_dim
         act = [h for h in range(num_heads) if active[h]]
         frz = [h for h in range(num_heads) if not active[h]]
-        rows = [h * head_dim + i for h in act for i in range(head_dim)]
-        width = num_heads * head_dim
-        rows3 = [b * width + r for b in range(3) for r in rows]
+
+        def rows_of(heads):
+            return [h * head_dim + i for h in heads for i in range(head_dim)]
+
+        def packed(rows):
+            return [b * width + r for b in range(3) for r in rows]
 
         def t(v):
             return torch.tensor(v, dtype=torch.int64, device=device)
 
-        return cls(tuple(act), t(act), t(frz), t(rows), t(rows3))
+        rows, frozen_rows = rows_of(act), rows_of(frz)
+        return cls(tuple(act), t(act), t(frz), t(rows), t(packed(rows)), t(frozen_rows),
+                   t(packed(frozen_rows)))
 
     @property
     def device(self) -> torch.device:
@@ -198,60 +211,57 @@ class ConvertedAttention:
     def partial_forward(self, *args, **kwargs):
         raise NotImplementedError
 
-    # ---- shared pieces ----
-    def _heads_attend(self, proj_active, proj_full, n, t, attend):
-        """The attention context of every head, and what the output projection needs.
+    # ---- shared pieces (styles mat_bert, torch_mha) ----
+    # _project_in -> _heads_attend -> _project_out pass a pair along: (None, the projections of
+    # every head) in exact mode; (the active heads' part with grad | None, the frozen heads'
+    # part without grad) in detach mode, heads ascending within each part.
+    def _heads_attend(self, proj, n, t, attend):
+        """The attention context of every head from ``_project_in``'s pair of (q, k, v) triples
+        (each (n, T, h·d_h) for the h heads of its part). ``attend(q, k, v, heads)`` (each
+        (n, h, T, d_h)) -> (n, h, T, d_h), on the head ids ``heads`` (None: all). Returns the
+        pair of contexts ((n, T, h·d_h) each) that ``_project_out`` takes."""
+        d, g = self.head_dim, self.groups
+        proj_active, proj_rest = proj
 
-        proj_full: (q, k, v) of all heads, each (n, T, H·d_h); proj_active: (q, k, v) of the active
-        heads only, each (n, T, H_a·d_h) with grad (detach mode), or None (exact mode: proj_full
-        carries the grad). ``attend(q, k, v, heads)`` (each (n, h, T, d_h)) -> (n, h, T, d_h), on
-        the head ids ``heads`` (None: all). Returns (ctx_active (n, T, H_a·d_h) | None,
-        ctx_full (n, T, H·d_h))."""
-        h, d, g = self.num_heads, self.head_dim, self.groups
-        width = h * d
+        def heads_first(y):  # (n, T, h·d) -> (n, h, T, d)
+            return y.view(n, t, -1, d).transpose(1, 2)
 
-        def heads_first(y, nh):  # (n, T, nh·d) -> (n, nh, T, d)
-            return y.view(n, t, nh, d).transpose(1, 2)
+        def tokens_first(c):  # (n, h, T, d) -> (n, T, h·d)
+            return c.transpose(1, 2).reshape(n, t, -1)
 
-        if proj_active is None:  # exact: every head's backward runs
-            ctx = attend(*(heads_first(y, h) for y in proj_full), None)
-            return None, ctx.transpose(1, 2).reshape(n, t, width)
-        n_act = g.active.numel()
+        if self.mode == "exact":  # every head's backward runs
+            return None, tokens_first(attend(*(heads_first(y) for y in proj_rest), None))
         ctx_a = None
-        if n_act > 0:
-            ctx_a = attend(*(heads_first(y, n_act) for y in proj_active), g.active)
+        if proj_active is not None:
+            ctx_a = tokens_first(attend(*(heads_first(y) for y in proj_active), g.active))
         with torch.no_grad():  # frozen heads: no attention backward, no gradient through them
-            ctx_f = attend(*(heads_first(y, h).index_select(1, g.frozen) for y in proj_full), g.frozen)
-            ctx_full = ctx_f.new_empty((n, t, h, d))  # heads written to their places, in one pass
-            ctx_full.index_copy_(2, g.frozen, ctx_f.transpose(1, 2))
-            if ctx_a is not None:
-                ctx_full.index_copy_(2, g.active, ctx_a.detach().transpose(1, 2))
-            ctx_full = ctx_full.view(n, t, width)
-        if ctx_a is not None:
-            ctx_a = ctx_a.transpose(1, 2).reshape(n, t, n_act * d)
-        return ctx_a, ctx_full
+            ctx_f = tokens_first(attend(*(heads_first(y) for y in proj_rest), g.frozen))
+        return ctx_a, ctx_f
 
     def _project_in(self, x, weight, bias, packed):
-        """-> (proj_active | None, proj_full): the (q, k, v) triples _heads_attend takes."""
+        """-> the pair of (q, k, v) triples _heads_attend takes (see above)."""
         g = self.groups
         width = self.num_heads * self.head_dim
         rows = g.rows3 if packed else g.rows
         if self.mode == "exact":
             y = row_grouped_linear(x, weight, bias, rows, None)
             return None, y.split(width, dim=-1)
-        if g.active.numel() == 0:
+        if g.active.numel() == 0:  # every head frozen: no grad through the projection
             with torch.no_grad():
                 return None, F.linear(x, weight, bias).split(width, dim=-1)
-        y_a, y = active_rows_linear(x, weight, bias, rows)
-        return y_a.split(g.active.numel() * self.head_dim, dim=-1), y.split(width, dim=-1)
+        frozen_rows = g.frozen_rows3 if packed else g.frozen_rows
+        y_a, y_f = active_rows_linear(x, weight, bias, rows, frozen_rows)
+        return (y_a.split(g.active.numel() * self.head_dim, dim=-1),
+                y_f.split(g.frozen.numel() * self.head_dim, dim=-1))
 
-    def _project_out(self, ctx_active, ctx_full):
+    def _project_out(self, ctx_active, ctx_rest):
         g = self.groups
         if self.mode == "exact":
-            return col_grouped_linear(ctx_full, self.o.weight, self.o.bias, g.rows, None)
+            return col_grouped_linear(ctx_rest, self.o.weight, self.o.bias, g.rows, None)
         if ctx_active is None:  # every head frozen: only the shared bias trains
-            return F.linear(ctx_full, self.o.weight.detach(), self.o.bias)
-        return active_cols_linear(ctx_active, ctx_full, self.o.weight, self.o.bias, g.rows)
+            return F.linear(ctx_rest, self.o.weight.detach(), self.o.bias)
+        return active_cols_linear(ctx_active, ctx_rest, self.o.weight, self.o.bias, g.rows,
+                                  g.frozen_rows)
 
 
 class _MatBertAttention(ConvertedAttention):
@@ -275,11 +285,11 @@ class _MatBertAttention(ConvertedAttention):
         n, t, _ = x.shape
         d = self.head_dim
         if self.qkv is not None:
-            active, full = self._project_in(x, self.qkv.weight, self.qkv.bias, packed=True)
-        else:
+            proj = self._project_in(x, self.qkv.weight, self.qkv.bias, packed=True)
+        else:  # one (active, rest) pair of 1-tuples per projection -> one pair of (q, k, v)
             per = [self._project_in(x, m.weight, m.bias, packed=False) for m in (self.q, self.k, self.v)]
-            active = None if per[0][0] is None else tuple(p[0][0] for p in per)
-            full = tuple(p[1][0] for p in per)
+            proj = (None if per[0][0] is None else tuple(p[0][0] for p in per),
+                    tuple(p[1][0] for p in per))
         dropout = self.block.dropout
 
         def attend(q, k, v, heads):  # the same ops as SelfAttention.forward, on a subset of heads
@@ -289,7 +299,7 @@ class _MatBertAttention(ConvertedAttention):
                 scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
             return dropout(scores.softmax(dim=-1)) @ v
 
-        return self._project_out(*self._heads_attend(active, full, n, t, attend))
+        return self._project_out(*self._heads_attend(proj, n, t, attend))
 
 
 class _TorchMHA(ConvertedAttention):
@@ -324,8 +334,8 @@ class _TorchMHA(ConvertedAttention):
         x = query if blk.batch_first else query.transpose(0, 1)  # (n, T, E)
         n, t, _ = x.shape
         h = self.num_heads
-        active, full = self._project_in(x, blk.in_proj_weight, blk.in_proj_bias, packed=True)
-        mask = _mha_mask(key_padding_mask, attn_mask, n, h, t, full[0].dtype)  # (n, 1|H, T, T) or None
+        proj = self._project_in(x, blk.in_proj_weight, blk.in_proj_bias, packed=True)
+        mask = _mha_mask(key_padding_mask, attn_mask, n, h, t, proj[1][0].dtype)  # (n, 1|H, T, T) or None
         causal = is_causal and mask is None
         p = blk.dropout if blk.training else 0.0
 
@@ -335,7 +345,7 @@ class _TorchMHA(ConvertedAttention):
                 m = m.index_select(1, heads)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p, is_causal=causal)
 
-        out = self._project_out(*self._heads_attend(active, full, n, t, attend))
+        out = self._project_out(*self._heads_attend(proj, n, t, attend))
         return (out if blk.batch_first else out.transpose(0, 1)), None
 
 

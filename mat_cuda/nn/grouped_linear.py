@@ -18,14 +18,21 @@ Two layouts, matching the ModuleMap's ``rows`` and ``cols`` layouts of attention
   by all heads and always gets its full gradient. ``dx_cols`` (or None): the input columns
   whose gradient is computed (the others get zero).
 
-For ``detach`` mode two variants pass only the active part through autograd, so no zero-filled
-gradient is scattered and gathered again:
+For ``detach`` mode two variants keep the active and the frozen groups apart from the start, so
+no zero-filled gradient is scattered and gathered again, and no activation is gathered: only
+weight rows / columns are (a weight is d_in / d_out times smaller than the activations of a
+batch of tokens).
 
-- :func:`active_rows_linear` returns (y_active, y_full): y_full = x Wᵀ + b (one GEMM, no grad),
-  y_active = its active rows' outputs (with grad). Backward: dX = dY_a·W[rows] and
-  dW[rows] = dY_aᵀ·x only.
-- :func:`active_cols_linear` takes (x_active, x_full): y = x_full Wᵀ + b; the gradient reaches
-  only x_active (the active columns' inputs): dX_a = dY·W[:, cols], dW[:, cols] = dYᵀ·X_a.
+- :func:`active_rows_linear` returns (y_active, y_frozen): y_active = x W[rows]ᵀ + b[rows] (with
+  grad), y_frozen = x W[frozen_rows]ᵀ + b[frozen_rows] (no grad): two GEMMs of the two sizes.
+  Backward: dX = dY_a·W[rows] and dW[rows] = dY_aᵀ·x only.
+- :func:`active_cols_linear` takes (x_active, x_frozen), the inputs of columns ``cols`` and
+  ``frozen_cols``: y = x_active W[:, cols]ᵀ + x_frozen W[:, frozen_cols]ᵀ + b; the gradient
+  reaches only x_active: dX_a = dY·W[:, cols], dW[:, cols] = dYᵀ·X_a.
+
+Their outputs equal the full layer's to rounding (each output element is the same dot product,
+but the GEMM blocking, and for the columns the order of the two partial sums, may differ: within
+1e-6 relative in float32).
 
 Index tensors are int64 on the weight's device, built once per mask update, so the step itself
 never reads anything back to the host. A weight with no active group gets no gradient at all
@@ -129,78 +136,95 @@ class _ColGroupedLinear(_GroupedLinear):
 
 class _ActiveRowsLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rows):
-        # x (..., d_in), weight (d_out, d_in), bias (d_out,) | None, rows int64 (r,), r > 0.
+    def forward(ctx, x, weight, bias, rows, frozen_rows):
+        # x (..., d_in), weight (d_out, d_in), bias (d_out,) | None, rows int64 (r,), r > 0,
+        # frozen_rows int64 (f,): the other rows (any order; f may be 0).
         xc, wc, bc = _autocast_inputs(x, weight, bias)
-        y_full = F.linear(xc, wc, bc)                  # (..., d_out)
-        y_active = y_full.index_select(-1, rows)       # (..., r)
-        ctx.save_for_backward(xc, wc, rows)
+        w_a = wc.index_select(0, rows)                  # (r, d_in): gathered once, reused below
+        y_a = F.linear(xc, w_a, None if bc is None else bc.index_select(0, rows))
+        y_f = F.linear(xc, wc.index_select(0, frozen_rows),
+                       None if bc is None else bc.index_select(0, frozen_rows))
+        ctx.save_for_backward(xc, w_a, rows)
+        ctx.d_out = wc.shape[0]
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
-        ctx.mark_non_differentiable(y_full)
-        return y_active, y_full
+        ctx.mark_non_differentiable(y_f)
+        return y_a, y_f
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy_a, _dy_full):
-        x, w, rows = ctx.saved_tensors
-        d_out, d_in = w.shape
+    def backward(ctx, dy_a, _dy_f):
+        x, w_a, rows = ctx.saved_tensors
+        d_in = w_a.shape[1]
         dy2 = dy_a.reshape(-1, rows.numel())           # (N, r)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2 @ w.index_select(0, rows)).reshape(x.shape).to(ctx.x_dtype)
+            dx = (dy2 @ w_a).reshape(x.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw_a = (dy2.t() @ x.reshape(-1, d_in)).to(ctx.w_dtype)   # (r, d_in)
-            dw = dw_a.new_zeros((d_out, d_in)).index_copy_(0, rows, dw_a)
+            dw = dw_a.new_zeros((ctx.d_out, d_in)).index_copy_(0, rows, dw_a)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db_a = dy2.sum(0).to(ctx.w_dtype)
-            db = db_a.new_zeros(d_out).index_copy_(0, rows, db_a)
-        return dx, dw, db, None
+            db = db_a.new_zeros(ctx.d_out).index_copy_(0, rows, db_a)
+        return dx, dw, db, None, None
 
 
 class _ActiveColsLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_active, x_full, weight, bias, cols):
-        # x_active (..., c): the inputs of columns `cols` (with grad); x_full (..., d_in) (no grad),
-        # weight (d_out, d_in), bias (d_out,) | None (shared: full gradient), cols int64 (c,).
-        xc, wc, bc = _autocast_inputs(x_full, weight, bias)
-        ctx.save_for_backward(x_active.to(xc.dtype), wc, cols)
+    def forward(ctx, x_active, x_frozen, weight, bias, cols, frozen_cols):
+        # x_active (..., c): the inputs of columns `cols` (with grad); x_frozen (..., f): those of
+        # `frozen_cols` (no grad); weight (d_out, d_in), bias (d_out,) | None (shared: full
+        # gradient), cols int64 (c,), frozen_cols int64 (f,).
+        xc, wc, bc = _autocast_inputs(x_active, weight, bias)
+        xf = x_frozen.to(xc.dtype)
+        w_a = wc.index_select(1, cols)                  # (d_out, c)
+        y_f = F.linear(xf, wc.index_select(1, frozen_cols), bc)
+        # Out of place: FLOP counters (torch.utils.flop_counter, FlopMeter) know addmm, not addmm_.
+        y = torch.addmm(y_f.reshape(-1, y_f.shape[-1]), xc.reshape(-1, cols.numel()),
+                        w_a.t()).view(y_f.shape)
+        ctx.save_for_backward(xc, w_a, cols)
+        ctx.d_in = wc.shape[1]
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_active.dtype, weight.dtype, bias is not None
-        return F.linear(xc, wc, bc)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        xa, w, cols = ctx.saved_tensors
-        d_out, d_in = w.shape
+        xa, w_a, cols = ctx.saved_tensors
+        d_out = w_a.shape[0]
         dy2 = dy.reshape(-1, d_out)                     # (N, d_out)
         dxa = dw = db = None
         if ctx.needs_input_grad[0]:
-            dxa = (dy2 @ w.index_select(1, cols)).reshape(xa.shape).to(ctx.x_dtype)
+            dxa = (dy2 @ w_a).reshape(xa.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             dw_a = (dy2.t() @ xa.reshape(-1, cols.numel())).to(ctx.w_dtype)  # (d_out, c)
-            dw = dw_a.new_zeros((d_out, d_in)).index_copy_(1, cols, dw_a)
+            dw = dw_a.new_zeros((d_out, ctx.d_in)).index_copy_(1, cols, dw_a)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy2.sum(0).to(ctx.w_dtype)
-        return dxa, None, dw, db, None
+        return dxa, None, dw, db, None, None
 
 
 def active_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y_active, y_full): y_full = x Wᵀ + b (..., d_out) without grad, y_active = y_full[..., rows]
-    (..., r) with grad; backward computes dX and dW/db of ``rows`` only (detach mode).
+                       rows: torch.Tensor, frozen_rows: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_active, y_frozen): y_active = x W[rows]ᵀ + b[rows] (..., r) with grad, y_frozen =
+    x W[frozen_rows]ᵀ + b[frozen_rows] (..., f) without; backward computes dX and dW/db of
+    ``rows`` only (detach mode).
 
-    x (..., d_in) float, weight (d_out, d_in), bias (d_out,) or None, rows int64 (r,), r ≥ 1.
+    x (..., d_in) float, weight (d_out, d_in), bias (d_out,) or None, rows int64 (r,), r ≥ 1,
+    frozen_rows int64 (f,), f ≥ 0 (the rows that are not in ``rows``, in the order wanted).
     """
-    return _ActiveRowsLinear.apply(x, weight, bias, rows)
+    return _ActiveRowsLinear.apply(x, weight, bias, rows, frozen_rows)
 
 
-def active_cols_linear(x_active: torch.Tensor, x_full: torch.Tensor, weight: torch.Tensor,
-                       bias: Optional[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
-    """y = x_full Wᵀ + b (..., d_out); the gradient reaches x_active (..., c), the inputs of columns
-    ``cols`` (x_full[..., cols] holds the same values), and dW of those columns only; the
-    bias gets its full gradient (detach mode). x_full (..., d_in) is not differentiated.
+def active_cols_linear(x_active: torch.Tensor, x_frozen: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], cols: torch.Tensor,
+                       frozen_cols: torch.Tensor) -> torch.Tensor:
+    """y = x_active W[:, cols]ᵀ + x_frozen W[:, frozen_cols]ᵀ + b (..., d_out): the layer on an
+    input whose columns ``cols`` are x_active (..., c) and ``frozen_cols`` are x_frozen (..., f).
+    The gradient reaches x_active and dW of ``cols`` only; the bias gets its full gradient
+    (detach mode); x_frozen is not differentiated.
     """
-    return _ActiveColsLinear.apply(x_active, x_full, weight, bias, cols)
+    return _ActiveColsLinear.apply(x_active, x_frozen, weight, bias, cols, frozen_cols)
 
 
 def row_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
