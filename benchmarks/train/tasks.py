@@ -14,6 +14,7 @@ moe: SwitchMoELM on the mlm data (experts as modules), loss + 0.01 · load-balan
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -87,6 +88,17 @@ def _full_output(model, inputs):
     return model(inputs)
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """model.eval() inside, its previous train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def build_task(name: str, cfg: dict, seed: int, device: str, data_path: str | None = None) -> Task:
     """Build ``name`` with settings ``cfg`` (:func:`size_config`) for ``seed`` on ``device``.
     The model's initial weights and the batch order depend only on ``seed``.
@@ -139,14 +151,12 @@ def _text_task(name, cfg, seed, device, data_path) -> Task:
 
     @torch.no_grad()
     def evaluate(m) -> dict:
-        was_training = m.training
-        m.eval()
         total, count = 0.0, 0
-        for x, y in eval_set:
-            n = int((y != -100).sum())
-            total += float(mlm_loss(m(x, predict=y != -100), y, reduction="sum"))
-            count += n
-        m.train(was_training)
+        with _eval_mode(m):
+            for x, y in eval_set:
+                predicted = y != -100
+                total += float(mlm_loss(m(x, predict=predicted), y, reduction="sum"))
+                count += int(predicted.sum())
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -200,14 +210,12 @@ def _image_task(cfg, seed, device, data_path) -> Task:
 
     @torch.no_grad()
     def evaluate(m) -> dict:
-        was_training = m.training
-        m.eval()
         total, correct = 0.0, 0
-        for x, y in eval_set:
-            logits = m(x)
-            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-        m.train(was_training)
+        with _eval_mode(m):
+            for x, y in eval_set:
+                logits = m(x)
+                total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(-1) == y).sum())
         return {"loss": total / len(vx), "accuracy": correct / len(vx)}
 
     config = dict(model="VGGNet", model_config=model.config, data=data.source,
