@@ -215,6 +215,13 @@ class MAT:
         return self._probe_cm is not None
 
     @property
+    def probes_on_step(self) -> bool:
+        """Whether the next :meth:`step` call runs a probe (K → λ → policy): the last
+        micro-batch of a probe step, or of the step that retries a dropped probe. For the output
+        kernels this is where their own passes on ``probe_inputs`` run."""
+        return self.is_last_micro_batch and self._probe_due()
+
+    @property
     def is_last_micro_batch(self) -> bool:
         """Whether the next :meth:`step` call steps the optimizer (always True without
         gradient accumulation)."""

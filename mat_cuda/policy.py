@@ -17,9 +17,10 @@ happens only at probe steps, where the policy must decide or log: the λ validit
 ``record_history=True``), and the ``converged_kinds`` / ``should_stop`` queries. Policies run at
 probe steps only, so this costs one synchronisation per probe.
 
-Every constant is a documented default; docs/policy.md gives the table, which ones were measured
-on the benchmark suite (ratio mode, α = 1 against α = 2, the temporal policy's start, the probe
-cost) and which kept their reasoned value.
+Every constant is a documented default; docs/policy.md gives the table and the evidence for each:
+measured on the benchmark suite (mode, α, hysteresis, min_dwell, relative_to_history, the
+temporal policy's start; ε and patience replayed on recorded λ) or kept at its reasoned value
+(ema_decay; centre, run on one seed only).
 """
 from __future__ import annotations
 

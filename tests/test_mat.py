@@ -172,9 +172,9 @@ def test_accumulation_probes_only_the_last_micro_batch():
     ref = copy.deepcopy(model)
     mat = build(model, accumulation_steps=A)
     micro = make_batches(A, seed=5)
-    assert mat.is_probe_step and not mat.is_last_micro_batch
+    assert mat.is_probe_step and not mat.is_last_micro_batch and not mat.probes_on_step
     assert step(mat, model, micro[0], 1 / A) is False
-    assert mat.is_last_micro_batch
+    assert mat.is_last_micro_batch and mat.probes_on_step
     assert step(mat, model, micro[1], 1 / A) is True
     lam = mat.report()["lam"][0]
     # Reference: a standalone probe on the last micro-batch alone, at the same weights.
@@ -357,7 +357,8 @@ def test_output_kernels_measure_every_module_on_the_probe_batch(kernel):
     K_ref = module_grams_reference(twin, mat_cuda.discover(twin, ("head", "ffn")).module_map, grads)
     mat = build(model, kernel=kernel, probe_inputs=x_probe)
     rng = torch.random.get_rng_state()
-    for b in batches:
+    for i, b in enumerate(batches):
+        assert mat.probes_on_step == (i % 2 == 0)  # probe_every=2: steps 0, 2, 4
         step(mat, model, b)
         assert not mat.is_probe_step  # the training steps never run in probe mode
     # The output kernel's projections come from MAT's own generator, not the global RNG.

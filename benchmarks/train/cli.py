@@ -142,12 +142,13 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
     """Run the plan; write results.json, summary.md and the plots into ``out`` (results.json
     is rewritten after every run, so an interrupted invocation keeps what finished)."""
     runs, ceilings, configs = [], {}, {}
+    mat_kernel = plan.get("mat_kernel", "loss")
     results = {"schema_version": SCHEMA_VERSION, "environment": environment,
                "config": {"device": device, "size": plan["size"], "seeds": plan["seeds"],
                           "tasks": plan["tasks"], "methods": plan["methods"],
                           "overrides": plan["overrides"], "active_fraction": plan["fractions"],
                           "mat_policy": plan.get("policy_options") or "default",
-                          "mat_kernel": plan.get("mat_kernel", "loss")},
+                          "mat_kernel": mat_kernel},
                "task_configs": configs, "ceilings": ceilings, "runs": runs, "summary": {},
                "kernels": kernels or [], "skipped": []}
     for task in plan["tasks"]:
@@ -170,7 +171,7 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                         rec = run_one(task, name, seed, cfg, device, data, fractions=fractions,
                                       kind=kind, progress=plan["progress"],
                                       policy_options=plan.get("policy_options"),
-                                      mat_kernel=plan.get("mat_kernel", "loss"))
+                                      mat_kernel=mat_kernel)
                     except (MethodError, RuntimeError) as exc:
                         # A method that cannot run on this task (e.g. MAT's loss-mode probe on
                         # a model it cannot split per sample): recorded and reported, not hidden.
@@ -181,7 +182,7 @@ def run_train(plan: dict, device: str, out: str, environment: dict, kernels=None
                                                    "why": str(exc)})
                         continue
                     rec["mat_policy"] = plan.get("policy_options") or "default"
-                    rec["mat_kernel"] = plan.get("mat_kernel", "loss")
+                    rec["mat_kernel"] = mat_kernel
                     runs.append(rec)
                     if name == "mat":
                         mat_fraction = rec["mean_active_fraction_after_warmup"]

@@ -330,7 +330,7 @@ class MATMethod:
 
     def step(self, step: int) -> None:
         self._last_extra = 0
-        if self.mat.kernel == "loss" or not self.mat.policy.is_probe(self.mat.step_count):
+        if self.mat.kernel == "loss" or not self.mat.probes_on_step:
             self.mat.step()
             return
         # An output-kernel probe runs its own forward and backward passes on the probe batch
