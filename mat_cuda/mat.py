@@ -200,6 +200,7 @@ class MAT:
         self._mask_host = [True] * M  # the mask in force, host copy (made at each probe)
         self._probe_cm = None         # the Skipper's probe_mode context while a probe step runs
         self._armed = False           # probe.begin() called for the coming micro-batch
+        self._dense = False           # the step in progress ran in probe mode (nothing skipped)
         self.skipped_probes = 0
         self.probe_steps: list[int] = []
         self._flops_total = 0.0       # analytic units (per token) summed over steps
@@ -237,26 +238,61 @@ class MAT:
 
         On the last micro-batch of a probe step: K → λ → policy → masks (optimizer and Skipper),
         then the masked optimizer step (through the scaler when given); then arms the next step.
+        Equivalent to :meth:`before_optimizer_step`, the optimizer step, :meth:`after_optimizer_step`.
         """
-        self._micro += 1
-        if self._micro < self.accumulation_steps:
-            self._arm()
+        if not self.before_optimizer_step():
             return False
-        self._micro = 0
-        probed = self._armed or (self.kernel != "loss" and self._probe_due())
-        if probed:
-            self._finish_probe()
-        elif self._probe_cm is not None:
-            self._leave_probe_mode()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self._count_flops(dense=probed)
+        self.after_optimizer_step()
+        return True
+
+    def before_optimizer_step(self, end_of_step: Optional[bool] = None) -> bool:
+        """:meth:`step` up to the optimizer update, for a training loop that steps
+        :attr:`optimizer` itself (the Hugging Face Trainer, Lightning). Call after each
+        micro-batch's backward (and after clipping). Returns True when the optimizer must step
+        now (the probe, when due, has run and the new mask is set); then step it (through the
+        scaler if any) and call :meth:`after_optimizer_step`. Returns False between micro-batches.
+
+        end_of_step: None counts micro-batches up to ``accumulation_steps``; True ends the step
+        on this micro-batch whatever the count (a loop whose last accumulation window is short);
+        False asserts that it does not end. A loss-kernel probe due on a step ended early, before
+        its hooks were armed (they are armed for the counted last micro-batch), is postponed to
+        the next step, as a dropped probe is.
+        """
+        self._micro += 1
+        last = self._micro >= self.accumulation_steps if end_of_step is None else bool(end_of_step)
+        if not last:
+            if self._micro >= self.accumulation_steps:
+                raise RuntimeError(f"MAT.before_optimizer_step(end_of_step=False): this is micro-batch "
+                                   f"{self._micro} of a step of accumulation_steps="
+                                   f"{self.accumulation_steps}; the optimizer must step now")
+            self._arm()
+            return False
+        self._micro = 0
+        if self.kernel == "loss" and self._probe_due() and not self._armed:
+            self._leave_probe_mode()   # ended before the hooks were armed: probe the next step
+            self._retry = True
+            self._dense = True         # it ran in probe mode: nothing was skipped
+            return True
+        self._dense = self._armed or (self.kernel != "loss" and self._probe_due())
+        if self._dense:
+            self._finish_probe()
+        elif self._probe_cm is not None:
+            self._leave_probe_mode()
+        return True
+
+    def after_optimizer_step(self) -> None:
+        """:meth:`step` after the optimizer update: counts the step (compute accounting
+        included) and arms the next one. Call once after each optimizer step that
+        :meth:`before_optimizer_step` asked for."""
+        self._count_flops(dense=self._dense)
+        self._dense = False
         self.step_count += 1
         self._arm()
-        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The optimizer's zero_grad, except between the micro-batches of one step."""

@@ -189,6 +189,53 @@ def test_accumulation_probes_only_the_last_micro_batch():
     mat.close()
 
 
+def test_split_step_equals_step():
+    """before_optimizer_step + the loop's own optimizer step + after_optimizer_step (how the
+    Trainer and Lightning callbacks drive MAT) is MAT.step, bit for bit, accumulation included."""
+    data = make_batches(12)
+    model_a, model_b = make_model(), make_model()
+    mat_a, mat_b = build(model_a, accumulation_steps=2), build(model_b, accumulation_steps=2)
+    for b in data:
+        step(mat_a, model_a, b, 0.5)
+        x, y = b
+        (mlm_loss(model_b(x), y) * 0.5).backward()
+        if mat_b.before_optimizer_step():
+            mat_b.optimizer.step()
+            mat_b.after_optimizer_step()
+        mat_b.zero_grad()
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+    ra, rb = mat_a.report(), mat_b.report()
+    assert torch.equal(ra["lam"], rb["lam"]) and ra["compute_saved"] == rb["compute_saved"] > 0
+    mat_a.close()
+    mat_b.close()
+
+
+def test_step_ended_early_postpones_its_probe():
+    """end_of_step=True on a probe step whose counted last micro-batch never came (a short last
+    accumulation window): the probe's hooks were never armed, so it probes the next step."""
+    model = make_model()
+    mat = build(model, accumulation_steps=3)
+    x, y = make_batches(1)[0]
+    mlm_loss(model(x), y).backward()
+    assert mat.is_probe_step and not mat.probes_on_step
+    assert mat.before_optimizer_step(end_of_step=True) is True
+    mat.optimizer.step()
+    mat.after_optimizer_step()
+    mat.zero_grad()
+    assert mat.probe_steps == [] and mat.is_probe_step      # postponed to step 1
+    for i in range(3):
+        mlm_loss(model(x), y).backward()
+        assert mat.before_optimizer_step() is (i == 2)
+    mat.optimizer.step()
+    mat.after_optimizer_step()
+    assert mat.probe_steps == [1]
+    with pytest.raises(RuntimeError, match="the optimizer must step now"):
+        for _ in range(3):
+            mat.before_optimizer_step(end_of_step=False)
+    mat.close()
+
+
 def test_grad_scaler_gives_the_unscaled_run():
     data = make_batches(4)
     model, ref = make_model(), make_model()
