@@ -412,6 +412,11 @@ class MAT:
                                      if not a)
 
     # ---- report and checkpoint ----
+    @property
+    def compute_saved(self) -> float:
+        """Fraction of the analytic training FLOPs saved so far (host counters; no device work)."""
+        return (self._flops_saved / self._flops_total) if self._flops_total else 0.0
+
     def report(self) -> dict:
         """Per-module λ history, active fraction over time, compute saved (host tensors).
 
@@ -427,7 +432,7 @@ class MAT:
             steps=self.step_count,
             skipped_probes=self.skipped_probes,
             module_steps=self.optimizer.module_steps.cpu(),
-            compute_saved=(self._flops_saved / self._flops_total) if self._flops_total else 0.0,
+            compute_saved=self.compute_saved,
             unskipped_modules=self.skipper.unskipped_modules,
         )
         return rep
