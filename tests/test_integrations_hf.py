@@ -193,8 +193,10 @@ def test_metrics_reach_log_history_and_mat_trainer_reaches_earlier_callbacks(tmp
 
 
 def test_stop_on_convergence_stops_the_trainer(tmp_path):
-    def policy(kinds, names):        # retires every module at its first trained interval
-        return MATPolicy(kinds, temporal=TemporalPolicy(kinds, eps=1e9, patience=1),
+    def policy(kinds, names):
+        # Every module trains (budget 1) and retires after its first trained interval.
+        return MATPolicy(kinds, modular=ModularPolicy(kinds, mode="budget", budget=1.0),
+                         temporal=TemporalPolicy(kinds, eps=1e9, patience=1),
                          warmup=2, probe_every=2, names=names)
 
     cb = MATCallback(policy=policy, stop_on_convergence=True)
