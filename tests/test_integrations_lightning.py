@@ -21,7 +21,9 @@ V, T = 30, 6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class MLM(pl.LightningModule):
+class _MLMBody:
+    """The module's content, shared by lightning.pytorch and pytorch_lightning modules."""
+
     def __init__(self, lr=1e-2):
         super().__init__()
         torch.manual_seed(0)
@@ -38,6 +40,10 @@ class MLM(pl.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
         sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=30)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class MLM(_MLMBody, pl.LightningModule):
+    pass
 
 
 class ManualMLM(MLM):
@@ -196,6 +202,26 @@ def test_manual_optimization_drives_mat_and_resumes(tmp_path):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="manual optimization"):
         _trainer(tmp_path, [MATCallback()]).fit(ManualMLM(), _loader())
+
+
+def test_standalone_pytorch_lightning_package(tmp_path):
+    ptl = pytest.importorskip("pytorch_lightning")
+    from mat_cuda.integrations.pytorch_lightning import MATCallback as PTLCallback
+
+    class PTLModule(_MLMBody, ptl.LightningModule):
+        pass
+
+    cb = PTLCallback(policy=_budget_policy)
+    trainer = ptl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False, default_root_dir=str(tmp_path),
+                          callbacks=[cb])
+    trainer.fit(PTLModule(), _loader())
+    assert trainer.optimizers[0] is cb.mat.optimizer and cb.mat.step_count == 16
+    assert not cb.mat.report()["mask"][-1].all()
+    trainer.save_checkpoint(str(tmp_path / "last.ckpt"))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert "mat" in saved["MATCallback"]
 
 
 def test_example_script_runs(tmp_path):

@@ -18,135 +18,23 @@ For a LightningModule with automatic optimization and one optimizer (see docs/li
   temporal policy reports every kind converged.
 - ``on_fit_end``: ``MAT.close()`` (the model as before conversion).
 
-Manual optimization: create MAT yourself and call ``mat.step()`` (docs/lightning.md); the
-callback refuses a module with ``automatic_optimization = False``.
+Manual optimization: the module creates MAT itself and calls it around its own optimizer step
+(docs/lightning.md); the callback refuses a module with ``automatic_optimization = False``.
+The standalone ``pytorch_lightning`` package: :mod:`mat_cuda.integrations.pytorch_lightning`.
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Optional
-
 try:
     from lightning.pytorch import Callback
-except ImportError:  # pragma: no cover - the standalone package, when only it is installed
-    try:
-        from pytorch_lightning import Callback
-    except ImportError as e:
-        raise ImportError('mat_cuda.integrations.lightning needs lightning: '
-                          'pip install "mat_cuda[lightning]"') from e
+except ImportError as e:  # pragma: no cover - exercised only without lightning
+    raise ImportError('mat_cuda.integrations.lightning needs lightning: pip install '
+                      '"mat_cuda[lightning]" (for the standalone pytorch_lightning package use '
+                      'mat_cuda.integrations.pytorch_lightning)') from e
 
-from ..mat import MAT
-from . import _private
-from ._common import MATMetrics, MATOptions
+from ._lightning_logic import MATCallbackLogic
 
 __all__ = ["MATCallback"]
 
-logger = logging.getLogger(__name__)
 
-
-class MATCallback(Callback):
-    """Modular Adaptive Training for a LightningModule with automatic optimization.
-
-    Args (keyword only): those of :class:`mat_cuda.MAT` (``modules``, ``policy``,
-    ``probe_every``, ``warmup``, ``probe_size``, ``kernel``, ``probe_inputs``, ``probe_forward``,
-    ``projections``, ``backward``, ``loss_reduction``, ``kinds``, ``lanczos_iters``), except that
-    ``warmup`` may also be a float in [0, 1): a fraction of ``trainer.estimated_stepping_batches``.
-    The scaler and the accumulation steps come from the Trainer.
-        stop_on_convergence: set ``trainer.should_stop`` when the temporal policy reports every
-            module kind converged (default False).
-        log_metrics: log MAT's metrics (``mat/compute_saved``, ``mat/active_fraction/<kind>``, λ
-            statistics per kind, ...) with ``pl_module.log_dict`` at every optimizer step
-            (default True; Lightning's loggers write them every ``log_every_n_steps``).
-
-    Attributes: ``mat`` (the :class:`MAT`, from ``on_fit_start`` on; closed at the end of fit,
-    its ``report()`` stays readable).
-    """
-
-    def __init__(self, *, stop_on_convergence: bool = False, log_metrics: bool = True,
-                 **mat_options):
-        self.options = MATOptions(**mat_options)
-        self.stop_on_convergence = bool(stop_on_convergence)
-        self.log_metrics = bool(log_metrics)
-        self.mat: Optional[MAT] = None
-        self._metrics: Optional[MATMetrics] = None
-        self._pending_state: Optional[dict] = None   # MAT's state from a checkpoint
-        self._stepped = False                        # the optimizer stepped in this batch
-        self._probes_seen = 0
-
-    # ---- set-up ----
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if self.mat is not None:
-            raise RuntimeError("MATCallback: this callback already ran a fit; use a new Trainer "
-                               "and MATCallback (fit(ckpt_path=...) continues a run)")
-        if not pl_module.automatic_optimization:
-            raise ValueError("MATCallback: the LightningModule uses manual optimization; create "
-                             "mat_cuda.MAT yourself and call mat.step() (docs/lightning.md)")
-        optimizers = trainer.strategy.optimizers
-        if len(optimizers) != 1:
-            raise ValueError(f"MATCallback: configure_optimizers must return one optimizer, got "
-                             f"{len(optimizers)}")
-        old = optimizers[0]
-        total = trainer.estimated_stepping_batches
-        total = int(total) if total != float("inf") else None
-        mat = self.options.build(pl_module, old, total_steps=total,
-                                 scaler=getattr(trainer.precision_plugin, "scaler", None),
-                                 accumulation_steps=trainer.accumulate_grad_batches)
-        try:
-            if self._pending_state is not None:
-                mat.load_state_dict(self._pending_state)
-                self._pending_state = None
-            trainer.strategy.optimizers = [mat.optimizer]
-            for config in trainer.strategy.lr_scheduler_configs:
-                _private.retarget_lr_scheduler(config.scheduler, old, mat.optimizer)
-        except BaseException:
-            mat.close()
-            raise
-        self.mat, self._metrics = mat, MATMetrics(mat)
-        self._probes_seen = len(mat.probe_steps)
-
-    # ---- the step ----
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._require_mat().before_optimizer_step(end_of_step=True)
-        self._stepped = True
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        mat = self._require_mat()
-        if not self._stepped:
-            mat.before_optimizer_step(end_of_step=False)
-            return
-        self._stepped = False
-        mat.after_optimizer_step()
-        if self.log_metrics:
-            pl_module.log_dict(self._metrics(), on_step=True, on_epoch=False)
-        if self.stop_on_convergence and len(mat.probe_steps) != self._probes_seen:
-            self._probes_seen = len(mat.probe_steps)
-            if mat.should_stop:
-                logger.info("MATCallback: every module kind converged at step %d; stopping",
-                            trainer.global_step)
-                trainer.should_stop = True
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self.mat is not None:
-            self.mat.close()
-
-    def metrics(self) -> dict[str, float]:
-        """MAT's current metrics (see MATMetrics); empty before fit starts."""
-        return {} if self._metrics is None else self._metrics()
-
-    # ---- checkpoints ----
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.mat is None else {"mat": self.mat.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks before it builds the optimizer: keep MAT's state until
-        # on_fit_start builds MAT.
-        if "mat" in state_dict:
-            if self.mat is not None:
-                self.mat.load_state_dict(state_dict["mat"])
-            else:
-                self._pending_state = state_dict["mat"]
-
-    def _require_mat(self) -> MAT:
-        if self.mat is None:
-            raise RuntimeError("MATCallback: training step before on_fit_start")
-        return self.mat
+class MATCallback(MATCallbackLogic, Callback):
+    __doc__ = MATCallbackLogic.__doc__
