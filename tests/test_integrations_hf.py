@@ -156,12 +156,17 @@ def test_clipping_reaches_the_masked_optimizer(tmp_path):
             norms.append(float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(g) for g in grads]))))
 
+    # Evaluation every 2 steps runs between a probe step's arming and its forward: its no-grad
+    # forwards must not feed the probe.
     args = _args(tmp_path, max_steps=6, max_grad_norm=0.01, save_strategy="no",
-                 gradient_accumulation_steps=2)
+                 gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=2)
+    cb = MATCallback(policy=_budget_policy)
     trainer = transformers.Trainer(model=_gpt2(), args=args, train_dataset=_data(),
-                                   callbacks=[MATCallback(policy=_budget_policy), GradNorm()])
+                                   eval_dataset=_data(8), callbacks=[cb, GradNorm()])
     trainer.train()
     assert len(norms) == 6 and max(norms) <= 0.01 * (1 + 1e-5)
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 3
+    assert cb.mat.probe_steps == [0, 2, 4] and torch.isfinite(cb.mat.report()["lam"]).all()
 
 
 def test_metrics_reach_log_history_and_mat_trainer_reaches_earlier_callbacks(tmp_path):
@@ -226,6 +231,15 @@ def test_bad_options_raise_before_training():
         MATCallback(warmup="10")
     with pytest.raises(ValueError, match="configure the default policy"):
         MATCallback(policy=_budget_policy, warmup=3)
+
+
+def test_trainer_sgd_becomes_masked_sgd(tmp_path):
+    from mat_cuda import MaskedSGD
+    cb = MATCallback(policy=_budget_policy)
+    args = _args(tmp_path, optim="sgd", save_strategy="no", max_steps=6, learning_rate=0.1)
+    transformers.Trainer(model=_bert(), args=args, train_dataset=_data(), callbacks=[cb]).train()
+    assert isinstance(cb.mat.optimizer, MaskedSGD) and cb.mat.step_count == 6
+    assert not cb.mat.report()["mask"][-1].all()
 
 
 def test_unsupported_optimizer_raises(tmp_path):

@@ -36,6 +36,10 @@ class _MLMBody:
         self.log("train_loss", loss)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", mlm_loss(self.net(x), y))
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
         sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=30)
@@ -173,8 +177,10 @@ def test_stop_on_convergence_stops_fit(tmp_path):
                          warmup=2, probe_every=2, names=names)
 
     cb = MATCallback(policy=policy, stop_on_convergence=True)
-    trainer = _trainer(tmp_path, [cb])
-    trainer.fit(MLM(), _loader())
+    # Validation every 3 batches runs no-grad forwards while a probe may be armed.
+    trainer = _trainer(tmp_path, [cb], val_check_interval=3, num_sanity_val_steps=0)
+    trainer.fit(MLM(), _loader(), _loader(8))
+    assert "val_loss" in trainer.callback_metrics
     assert cb.mat.should_stop and trainer.global_step < 24
     assert trainer.global_step == cb.mat.probe_steps[-1] + 1
 

@@ -98,7 +98,7 @@ class MATCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("MATCallback: the Trainer passed no model or optimizer to "
                                "on_train_begin")
-        if args.world_size > 1 and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             raise ValueError("MATCallback: DeepSpeed and FSDP shard the optimizer, which MAT's "
                              "masked optimizer does not support; use DDP")
         inner = getattr(optimizer, "optimizer", None)
