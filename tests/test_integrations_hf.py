@@ -242,6 +242,22 @@ def test_trainer_sgd_becomes_masked_sgd(tmp_path):
     assert not cb.mat.report()["mask"][-1].all()
 
 
+def test_users_masked_optimizer_is_used_as_is(tmp_path):
+    from mat_cuda import discover
+    model = _bert()
+    disc = discover(model, ("head", "ffn"))
+    opt = MaskedAdamW(model.parameters(), lr=3e-3, module_map=disc.module_map)
+    cb = MATCallback(modules=disc, policy=_budget_policy)
+    args = _args(tmp_path, save_strategy="no", max_steps=6)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                   optimizers=(opt, None), callbacks=[cb])
+    trainer.train()
+    assert cb.mat.optimizer is opt and trainer.optimizer.optimizer is opt
+    assert int(opt.module_steps[-1]) == 6 and not cb.mat.report()["mask"][-1].all()
+    with pytest.raises(RuntimeError, match="already ran a training run"):
+        trainer.train()
+
+
 def test_unsupported_optimizer_raises(tmp_path):
     args = _args(tmp_path, optim="adafactor", save_strategy="no", max_steps=2)
     trainer = transformers.Trainer(model=_bert(), args=args, train_dataset=_data(),

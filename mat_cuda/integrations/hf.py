@@ -105,9 +105,6 @@ class MATCallback(TrainerCallback):
         if inner is None or not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"MATCallback: expected the Trainer's optimizer to be accelerate's "
                             f"AcceleratedOptimizer, got {type(optimizer).__name__}")
-        if isinstance(inner, _MaskedOptimizer):
-            raise ValueError("MATCallback: the Trainer's optimizer is already a masked optimizer "
-                             "(a second train() on the same Trainer?); build a new Trainer")
         resume = state.global_step > 0
         saved = self._read_checkpoint(args, state) if resume else None
         # A resumed Trainer has loaded the checkpoint's optimizer state into its fresh AdamW;
