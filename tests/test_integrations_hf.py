@@ -177,10 +177,19 @@ def test_metrics_reach_log_history_and_mat_trainer_reaches_earlier_callbacks(tmp
             if "loss" in logs:
                 seen.append(dict(logs))
 
+    after = []
+
+    class ReporterAfter(transformers.TrainerCallback):   # a reporter listed after MATCallback
+        def on_log(self, args, state, control, logs=None, **kw):
+            if "loss" in logs:
+                after.append(dict(logs))
+
     args = _args(tmp_path, max_steps=8, logging_steps=4, save_strategy="no")
     plain = transformers.Trainer(model=_bert(), args=args, train_dataset=_data(),
-                                 callbacks=[Reporter(), MATCallback(policy=_budget_policy)])
+                                 callbacks=[Reporter(), MATCallback(policy=_budget_policy),
+                                            ReporterAfter()])
     plain.train()
+    assert len(after) == 2 and all("mat/compute_saved" in s for s in after)
     logged = [h for h in plain.state.log_history if "loss" in h]
     assert len(logged) == 2 and all("mat/compute_saved" in h for h in logged)
     assert logged[-1]["mat/active_fraction/head"] == 0.5      # budget policy after warm-up
@@ -235,11 +244,12 @@ def test_bad_options_raise_before_training():
 
 def test_trainer_sgd_becomes_masked_sgd(tmp_path):
     from mat_cuda import MaskedSGD
-    cb = MATCallback(policy=_budget_policy)
+    cb = MATCallback(warmup=0.5, probe_every=2)      # half of max_steps=6: 3 steps
     args = _args(tmp_path, optim="sgd", save_strategy="no", max_steps=6, learning_rate=0.1)
     transformers.Trainer(model=_bert(), args=args, train_dataset=_data(), callbacks=[cb]).train()
     assert isinstance(cb.mat.optimizer, MaskedSGD) and cb.mat.step_count == 6
-    assert not cb.mat.report()["mask"][-1].all()
+    assert cb.mat.policy.warmup == 3
+    assert cb.mat.report()["mask"][0].all() and not cb.mat.report()["mask"][-1].all()
 
 
 def test_users_masked_optimizer_is_used_as_is(tmp_path):

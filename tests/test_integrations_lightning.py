@@ -186,8 +186,9 @@ def test_stop_on_convergence_stops_fit(tmp_path):
 
 
 def test_bf16_mixed_trains(tmp_path):
-    cb = MATCallback(policy=_budget_policy)
+    cb = MATCallback(warmup=0.25, probe_every=2)     # of 2 epochs x 8 steps: 4 steps
     _trainer(tmp_path, [cb], precision="bf16-mixed", max_epochs=2).fit(MLM(), _loader())
+    assert cb.mat.policy.warmup == 4
     rep = cb.mat.report()
     assert torch.isfinite(rep["lam"]).all() and (rep["lam"] > 0).all()
     assert not rep["mask"][-1].all()
