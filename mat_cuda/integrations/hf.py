@@ -40,12 +40,18 @@ from typing import Optional
 import torch
 
 try:
+    import accelerate  # noqa: F401  (the Trainer's optimizer wrapper)
     from transformers import Trainer, TrainerCallback
-    from transformers.trainer import OPTIMIZER_NAME
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("mat_cuda.integrations.hf needs transformers and accelerate: "
                       'pip install "mat_cuda[hf]"') from e
+try:  # the Trainer's checkpoint layout: <output_dir>/<PREFIX>-<step>/<OPTIMIZER_NAME>
+    from transformers.trainer import OPTIMIZER_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ImportError as e:  # pragma: no cover - a transformers upgrade moved them
+    raise ImportError("mat_cuda.integrations.hf: this transformers version does not define "
+                      "transformers.trainer.OPTIMIZER_NAME / transformers.trainer_utils."
+                      "PREFIX_CHECKPOINT_DIR (the checkpoint layout MATCallback reads)") from e
 
 from ..mat import MAT
 from ..optim import _MaskedOptimizer
