@@ -66,9 +66,9 @@ def main(argv=None):
                          train_dataset=train, callbacks=[mat])
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     rep = mat.mat.report()
-    print(f"steps {rep['steps']}, probes {len(rep['step'])}, "
-          f"active fraction at the end {dict((k, float(v[-1])) for k, v in rep['active_fraction'].items())}, "
-          f"compute saved {rep['compute_saved']:.3f}")
+    active = {k: float(v[-1]) for k, v in rep["active_fraction"].items()}
+    print(f"steps {rep['steps']}, probes {len(rep['step'])}, active fraction at the end "
+          f"{active}, compute saved {rep['compute_saved']:.3f}")
 
 
 if __name__ == "__main__":

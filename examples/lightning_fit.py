@@ -66,7 +66,8 @@ def main(argv=None):
     module = MaskedLM(vocab, hidden, layers, heads, seq_len, total_steps=a.max_steps)
     mat = MATCallback(probe_every=max(2, a.max_steps // 20), warmup=0.2)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(a.output_dir, "checkpoints"),
-                                        save_last=True, every_n_train_steps=max(1, a.max_steps // 2))
+                                        save_last=True,
+                                        every_n_train_steps=max(1, a.max_steps // 2))
     trainer = pl.Trainer(max_steps=a.max_steps, accelerator="auto", devices=1,
                          accumulate_grad_batches=2, gradient_clip_val=1.0,
                          callbacks=[mat, ckpt], default_root_dir=a.output_dir,
@@ -75,9 +76,9 @@ def main(argv=None):
     last = os.path.join(a.output_dir, "checkpoints", "last.ckpt")
     trainer.fit(module, loader, ckpt_path=last if a.resume and os.path.exists(last) else None)
     rep = mat.mat.report()
-    print(f"steps {rep['steps']}, probes {len(rep['step'])}, "
-          f"active fraction at the end {dict((k, float(v[-1])) for k, v in rep['active_fraction'].items())}, "
-          f"compute saved {rep['compute_saved']:.3f}")
+    active = {k: float(v[-1]) for k, v in rep["active_fraction"].items()}
+    print(f"steps {rep['steps']}, probes {len(rep['step'])}, active fraction at the end "
+          f"{active}, compute saved {rep['compute_saved']:.3f}")
 
 
 if __name__ == "__main__":

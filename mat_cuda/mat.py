@@ -238,7 +238,8 @@ class MAT:
 
         On the last micro-batch of a probe step: K → λ → policy → masks (optimizer and Skipper),
         then the masked optimizer step (through the scaler when given); then arms the next step.
-        Equivalent to :meth:`before_optimizer_step`, the optimizer step, :meth:`after_optimizer_step`.
+        Equivalent to :meth:`before_optimizer_step`, the optimizer step and
+        :meth:`after_optimizer_step`.
         """
         if not self.before_optimizer_step():
             return False
@@ -263,13 +264,14 @@ class MAT:
         its hooks were armed (they are armed for the counted last micro-batch), is postponed to
         the next step, as a dropped probe is.
         """
-        self._micro += 1
-        last = self._micro >= self.accumulation_steps if end_of_step is None else bool(end_of_step)
+        micro = self._micro + 1
+        last = micro >= self.accumulation_steps if end_of_step is None else bool(end_of_step)
         if not last:
-            if self._micro >= self.accumulation_steps:
-                raise RuntimeError(f"MAT.before_optimizer_step(end_of_step=False): this is micro-batch "
-                                   f"{self._micro} of a step of accumulation_steps="
+            if micro >= self.accumulation_steps:   # raise before changing anything
+                raise RuntimeError(f"MAT.before_optimizer_step(end_of_step=False): this is "
+                                   f"micro-batch {micro} of a step of accumulation_steps="
                                    f"{self.accumulation_steps}; the optimizer must step now")
+            self._micro = micro
             self._arm()
             return False
         self._micro = 0

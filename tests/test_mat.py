@@ -230,9 +230,11 @@ def test_step_ended_early_postpones_its_probe():
     mat.optimizer.step()
     mat.after_optimizer_step()
     assert mat.probe_steps == [1]
+    assert mat.before_optimizer_step(end_of_step=False) is False
+    assert mat.before_optimizer_step(end_of_step=False) is False
     with pytest.raises(RuntimeError, match="the optimizer must step now"):
-        for _ in range(3):
-            mat.before_optimizer_step(end_of_step=False)
+        mat.before_optimizer_step(end_of_step=False)
+    assert mat.is_last_micro_batch                  # the refused call changed nothing
     mat.close()
 
 
