@@ -8,6 +8,8 @@ build tensors from it, so a shrunk counterexample prints as a spec a regression 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from hypothesis import strategies as st
 
@@ -58,3 +60,12 @@ def seeds():
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def tally(test_name: str) -> None:
+    """Count one example of a property test in the file named by MAT_HYPOTHESIS_TALLY, if set
+    (one line per example): the long profile's true counts survive a run stopped at a deadline."""
+    path = os.environ.get("MAT_HYPOTHESIS_TALLY")
+    if path:
+        with open(path, "a") as f:
+            f.write(test_name + "\n")

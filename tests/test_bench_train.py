@@ -174,6 +174,7 @@ def test_headline_follows_the_issue_rules():
     s = summarize_task(runs, None)
     head = s["headline"]
     std = math.sqrt(((2.0 - 2.1) ** 2 + (2.2 - 2.1) ** 2) / 1)
+    # approx (rel 1e-6): a few float64 operations on short lists, exact to ~u64.
     assert head["baseline_best"] == pytest.approx(2.1)
     assert head["target"] == pytest.approx(2.1 + std)
     mat = head["rows"]["mat"]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from helpers import U32
 from mat_cuda import gram
 from mat_cuda import reference as ref
-from prop_strategies import DTYPES, dim, divisors, generator, group_modules, seeds
+from prop_strategies import DTYPES, dim, divisors, generator, group_modules, seeds, tally
 
 ALGORITHMS = ["ghost", "explicit", "auto"]
 # Small workspaces force tiling over sample blocks / chunking over features (default 256 MiB).
@@ -69,6 +69,7 @@ def linear_problems(draw):
                  M=3, weight=True, bias=False, scale=1.0, algorithm="explicit",
                  dtype="bfloat16", workspace_bytes=64, seed=4))  # explicit form chunked
 def test_linear_gram_property(pb):
+    tally("test_linear_gram_property")
     g = generator(pb["seed"])
     lead = (pb["n"],) if pb["T"] is None else (pb["n"], pb["T"])
     dtype = DTYPES[pb["dtype"]]
@@ -109,6 +110,7 @@ def embedding_problems(draw):
 @example(pb=dict(n=33, T=17, d=13, vocab=19, padding_idx=None, M=2, module=0, scale=1.0,
                  algorithm="explicit", dtype="float16", workspace_bytes=64, seed=6))
 def test_embedding_gram_property(pb):
+    tally("test_embedding_gram_property")
     g = generator(pb["seed"])
     n, T, d = pb["n"], pb["T"], pb["d"]
     idx = torch.randint(0, pb["vocab"], (n, T), generator=g)
@@ -142,6 +144,7 @@ def sample_problems(draw):
 
 @given(pb=sample_problems())
 def test_sample_gram_property(pb):
+    tally("test_sample_gram_property")
     g = generator(pb["seed"])
     G = torch.randn(pb["n"], pb["p"], generator=g).to(DTYPES[pb["dtype"]])
     K0 = torch.randn(pb["M"], pb["n"], pb["n"], generator=g)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from mat_cuda import linalg
 from mat_cuda.reference import lambda_max_reference
-from prop_strategies import dim, generator, seeds
+from prop_strategies import dim, generator, seeds, tally
 
 U = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 
@@ -81,6 +81,7 @@ def lanczos_problems(draw):
 @example(pb=dict(n=37, M=3, topk=8, iters=37, tol=0.0, dtype="float64", kind="repeated",
                  log_scale=-3, v0="zero_rows", nan_rows=(), seed=8))
 def test_lambda_max_property(pb):
+    tally("test_lambda_max_property")
     g = generator(pb["seed"])
     dtype = getattr(torch, pb["dtype"])
     n, M, k = pb["n"], pb["M"], pb["topk"]

@@ -17,7 +17,8 @@ from helpers import STEP_ROUNDINGS, U32, adamw_error_scale, assert_rounded_once,
 from mat_cuda import reference as ref
 from mat_cuda._ops import ops
 from mat_cuda.modules import ModuleMap
-from prop_strategies import DTYPES, LARGE_NUMELS, dim, divisors, generator, group_modules, seeds
+from prop_strategies import (DTYPES, LARGE_NUMELS, dim, divisors, generator, group_modules, seeds,
+                             tally)
 
 
 @st.composite
@@ -117,6 +118,7 @@ LARGE = dict(num_modules=3, specs=[((131101,), "float32", ("whole", 1)),
 @given(pb=optim_problems(), hp=ADAMW_HP)
 @example(pb=LARGE, hp=dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8))
 def test_masked_adamw_step_property(pb, hp):
+    tally("test_masked_adamw_step_property")
     params, grads, layout, groups, steps, mask, gscale, finf, g = _build(pb)
     m = [torch.randn(p.shape, generator=g) for p in params]
     v = [torch.rand(p.shape, generator=g) for p in params]
@@ -151,6 +153,7 @@ SGD_HP = st.sampled_from([  # (momentum, dampening, nesterov): nesterov needs da
        wd=st.sampled_from([0.0, 0.01, 0.1]))
 @example(pb=LARGE, mom=(0.9, 0.1, False), lr=0.1, wd=0.01)
 def test_masked_sgd_step_property(pb, mom, lr, wd):
+    tally("test_masked_sgd_step_property")
     momentum, dampening, nesterov = mom
     params, grads, layout, groups, steps, mask, gscale, finf, g = _build(pb)
     bufs = [torch.randn(p.shape, generator=g) for p in params] if momentum else []
@@ -177,6 +180,7 @@ def test_masked_sgd_step_property(pb, mom, lr, wd):
 
 @given(num_modules=st.integers(0, 40), data=st.data())
 def test_masked_module_steps_property(num_modules, data):
+    tally("test_masked_module_steps_property")
     steps = torch.tensor(data.draw(st.lists(st.integers(0, 2**40), min_size=num_modules + 1,
                                             max_size=num_modules + 1)), dtype=torch.int64)
     mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=num_modules,
