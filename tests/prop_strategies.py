@@ -69,3 +69,11 @@ def tally(test_name: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write(test_name + "\n")
+
+
+def randn_strided(shape, g: torch.Generator, contiguous: bool) -> torch.Tensor:
+    """randn of ``shape``; when not ``contiguous``, a non-contiguous view with the same values
+    layout-wise (the dims stored in reverse order), so an op must honour strides or copy."""
+    if contiguous or len(shape) < 2:
+        return torch.randn(*shape, generator=g)
+    return torch.randn(*reversed(shape), generator=g).permute(*reversed(range(len(shape))))

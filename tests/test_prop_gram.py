@@ -2,7 +2,8 @@
 
 Random n, T (2-D inputs too), widths with 0, 1 and primes, row and column groupings (packed
 QKV patterns and skipped groups among them), bias, weight on/off, scale, every algorithm
-(ghost, explicit, auto), float32 / bfloat16 / float16 inputs and small workspaces (so small
+(ghost, explicit, auto), float32 / bfloat16 / float16 inputs, contiguous or strided (transposed
+storage) inputs, and small workspaces (so small
 problems already run many sample-block tiles and feature chunks). K starts random: the ops add.
 
 Error bound, per entry (derived, not tuned): each form is sums of products of the inputs, so
@@ -22,7 +23,8 @@ from hypothesis import strategies as st
 from helpers import U32
 from mat_cuda import gram
 from mat_cuda import reference as ref
-from prop_strategies import DTYPES, dim, divisors, generator, group_modules, seeds, tally
+from prop_strategies import (DTYPES, dim, divisors, generator, group_modules, randn_strided,
+                             seeds, tally)
 
 ALGORITHMS = ["ghost", "explicit", "auto"]
 # Small workspaces force tiling over sample blocks / chunking over features (default 256 MiB).
@@ -58,7 +60,8 @@ def linear_problems(draw):
                 weight=draw(st.booleans()), bias=group_dim == 0 and draw(st.booleans()),
                 scale=draw(st.sampled_from(SCALES)), algorithm=draw(st.sampled_from(ALGORITHMS)),
                 dtype=draw(st.sampled_from(sorted(DTYPES))),
-                workspace_bytes=draw(st.sampled_from(WORKSPACES)), seed=draw(seeds()))
+                workspace_bytes=draw(st.sampled_from(WORKSPACES)),
+                contiguous=draw(st.booleans()), seed=draw(seeds()))
 
 
 @given(pb=linear_problems())
@@ -73,8 +76,8 @@ def test_linear_gram_property(pb):
     g = generator(pb["seed"])
     lead = (pb["n"],) if pb["T"] is None else (pb["n"], pb["T"])
     dtype = DTYPES[pb["dtype"]]
-    A = torch.randn(*lead, pb["d_in"], generator=g).to(dtype)
-    B = torch.randn(*lead, pb["d_out"], generator=g).to(dtype)
+    A = randn_strided((*lead, pb["d_in"]), g, pb.get("contiguous", True)).to(dtype)
+    B = randn_strided((*lead, pb["d_out"]), g, pb.get("contiguous", True)).to(dtype)
     K0 = torch.randn(pb["M"], pb["n"], pb["n"], generator=g)
     K0 = K0 + K0.transpose(1, 2)
     gm = list(pb["group_module"])
@@ -101,7 +104,8 @@ def embedding_problems(draw):
                 M=(M := draw(st.integers(1, 3))), module=draw(st.integers(-1, M - 1)),
                 scale=draw(st.sampled_from(SCALES)), algorithm=draw(st.sampled_from(ALGORITHMS)),
                 dtype=draw(st.sampled_from(sorted(DTYPES))),
-                workspace_bytes=draw(st.sampled_from(WORKSPACES)), seed=draw(seeds()))
+                workspace_bytes=draw(st.sampled_from(WORKSPACES)),
+                contiguous=draw(st.booleans()), seed=draw(seeds()))
 
 
 @given(pb=embedding_problems())
@@ -114,7 +118,7 @@ def test_embedding_gram_property(pb):
     g = generator(pb["seed"])
     n, T, d = pb["n"], pb["T"], pb["d"]
     idx = torch.randint(0, pb["vocab"], (n, T), generator=g)
-    B = torch.randn(n, T, d, generator=g).to(DTYPES[pb["dtype"]])
+    B = randn_strided((n, T, d), g, pb.get("contiguous", True)).to(DTYPES[pb["dtype"]])
     K0 = torch.randn(pb["M"], n, n, generator=g)
     K = K0.clone()
     gram.embedding_gram_(K, idx, B, pb["module"], padding_idx=pb["padding_idx"], scale=pb["scale"],
@@ -139,14 +143,14 @@ def sample_problems(draw):
     return dict(n=draw(dim(0, 16)), p=p, group_size=group_size, M=M,
                 group_module=draw(group_modules(num_groups, M)),
                 scale=draw(st.sampled_from(SCALES)), dtype=draw(st.sampled_from(sorted(DTYPES))),
-                seed=draw(seeds()))
+                contiguous=draw(st.booleans()), seed=draw(seeds()))
 
 
 @given(pb=sample_problems())
 def test_sample_gram_property(pb):
     tally("test_sample_gram_property")
     g = generator(pb["seed"])
-    G = torch.randn(pb["n"], pb["p"], generator=g).to(DTYPES[pb["dtype"]])
+    G = randn_strided((pb["n"], pb["p"]), g, pb.get("contiguous", True)).to(DTYPES[pb["dtype"]])
     K0 = torch.randn(pb["M"], pb["n"], pb["n"], generator=g)
     gm = list(pb["group_module"])
     K = K0.clone()

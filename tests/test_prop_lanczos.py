@@ -4,7 +4,8 @@ eigendecomposition of mat_cuda/reference.py on random symmetric PSD batches.
 Random M (0 included), n (1, primes, past the default 32-step budget, rarely past a 256-thread
 CUDA block), float32 / float64, spectra (random Gram, low rank, zero, repeated eigenvalues,
 magnitudes 1e-6 … 1e6), top-k, budgets (full: exact to rounding; short: bounds only), tol,
-warm starts (zero rows fall back) and NaN matrices (only their own results become NaN).
+warm starts (zero rows fall back), strided (batch-last) K and NaN matrices (only their own
+results become NaN).
 
 Error bound (derived): with a full Krylov basis (budget ≥ n) Lanczos with full
 reorthogonalisation is backward stable: the Ritz values are eigenvalues of K + E with
@@ -70,6 +71,7 @@ def lanczos_problems(draw):
                 kind=draw(st.sampled_from(["gram", "low_rank", "zero", "repeated", "separated"])),
                 log_scale=draw(st.integers(-6, 6)),
                 v0=draw(st.sampled_from(["none", "random", "zero_rows"])),
+                contiguous=draw(st.booleans()),
                 nan_rows=tuple(draw(st.lists(st.integers(0, max(M - 1, 0)), max_size=2,
                                              unique=True))) if M > 1 else (),
                 seed=draw(seeds()))
@@ -86,6 +88,8 @@ def test_lambda_max_property(pb):
     dtype = getattr(torch, pb["dtype"])
     n, M, k = pb["n"], pb["M"], pb["topk"]
     K = _matrices(pb, g).to(dtype)
+    if not pb.get("contiguous", True):  # the same values in a strided (batch-last) layout
+        K = K.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     for b in pb["nan_rows"]:
         K[b, 0, n - 1] = K[b, n - 1, 0] = float("nan")
     v0 = None
