@@ -283,6 +283,8 @@ def test_clip_grad_norm_with_scaler():
     total = mat.clip_grad_norm_(1e-3)
     assert float(total) > 1e-3
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # clip_grad_norm_ scales by max_norm / (total + 1e-6): the norm lands at max_norm within
+    # float32 rounding; 1.001 allows that and nothing like an unclipped gradient.
     assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) <= 1e-3 * 1.001
     mat.step()
     mat.close()

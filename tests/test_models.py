@@ -158,6 +158,8 @@ def test_loss_falls(name):
         aux = 0.01 if name == "moe" else 0.0
         losses = train(model, lambda m: mlm_loss(m(ids), labels) + (aux * m.aux_loss if aux else 0.0))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # A fixed batch, 30 AdamW steps: a working model at least cuts its loss by 30% (a loose
+    # sanity bound; a model whose gradients do not flow stays near its first loss).
     assert last < 0.7 * first, f"{name}: loss {first:.3f} -> {last:.3f}"
 
 
