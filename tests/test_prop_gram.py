@@ -71,7 +71,7 @@ def linear_problems(draw):
 @example(pb=dict(n=37, T=19, d_in=6, d_out=9, group_dim=1, group_size=2, group_module=(2, -1, 2),
                  M=3, weight=True, bias=False, scale=1.0, algorithm="explicit",
                  dtype="bfloat16", workspace_bytes=64, seed=4))  # explicit form chunked
-def test_linear_gram_property(pb):
+def test_linear_gram_property(device, pb):
     tally("test_linear_gram_property")
     g = generator(pb["seed"])
     lead = (pb["n"],) if pb["T"] is None else (pb["n"], pb["T"])
@@ -83,10 +83,12 @@ def test_linear_gram_property(pb):
     gm = list(pb["group_module"])
     kw = dict(group_dim=pb["group_dim"], group_size=pb["group_size"], weight=pb["weight"],
               bias=pb["bias"], scale=pb["scale"])
-    K = K0.clone()
-    out = gram.linear_gram_(K, A, B, torch.tensor(gm, dtype=torch.long), algorithm=pb["algorithm"],
-                            workspace_bytes=pb["workspace_bytes"], **kw)
+    K = K0.to(device, copy=True)
+    out = gram.linear_gram_(K, A.to(device), B.to(device),
+                            torch.tensor(gm, dtype=torch.long, device=device),
+                            algorithm=pb["algorithm"], workspace_bytes=pb["workspace_bytes"], **kw)
     assert out is K
+    K = K.cpu()
     K_ref = ref.linear_gram_(K0.double(), A, B, gm, **kw)
     K_abs = ref.linear_gram_(torch.zeros_like(K0, dtype=torch.float64), A.abs(), B.abs(), gm,
                              **dict(kw, scale=abs(pb["scale"])))
@@ -113,16 +115,18 @@ def embedding_problems(draw):
                  algorithm="ghost", dtype="float32", workspace_bytes=1024, seed=5))
 @example(pb=dict(n=33, T=17, d=13, vocab=19, padding_idx=None, M=2, module=0, scale=1.0,
                  algorithm="explicit", dtype="float16", workspace_bytes=64, seed=6))
-def test_embedding_gram_property(pb):
+def test_embedding_gram_property(device, pb):
     tally("test_embedding_gram_property")
     g = generator(pb["seed"])
     n, T, d = pb["n"], pb["T"], pb["d"]
     idx = torch.randint(0, pb["vocab"], (n, T), generator=g)
     B = randn_strided((n, T, d), g, pb.get("contiguous", True)).to(DTYPES[pb["dtype"]])
     K0 = torch.randn(pb["M"], n, n, generator=g)
-    K = K0.clone()
-    gram.embedding_gram_(K, idx, B, pb["module"], padding_idx=pb["padding_idx"], scale=pb["scale"],
+    K = K0.to(device, copy=True)
+    gram.embedding_gram_(K, idx.to(device), B.to(device), pb["module"],
+                         padding_idx=pb["padding_idx"], scale=pb["scale"],
                          algorithm=pb["algorithm"], workspace_bytes=pb["workspace_bytes"])
+    K = K.cpu()
     K_ref = ref.embedding_gram_(K0.double(), idx, B, pb["module"], padding_idx=pb["padding_idx"],
                                 scale=pb["scale"])
     K_abs = ref.embedding_gram_(torch.zeros_like(K0, dtype=torch.float64), idx, B.abs(),
@@ -147,15 +151,16 @@ def sample_problems(draw):
 
 
 @given(pb=sample_problems())
-def test_sample_gram_property(pb):
+def test_sample_gram_property(device, pb):
     tally("test_sample_gram_property")
     g = generator(pb["seed"])
     G = randn_strided((pb["n"], pb["p"]), g, pb.get("contiguous", True)).to(DTYPES[pb["dtype"]])
     K0 = torch.randn(pb["M"], pb["n"], pb["n"], generator=g)
     gm = list(pb["group_module"])
-    K = K0.clone()
-    gram.sample_gram_(K, G, torch.tensor(gm, dtype=torch.long), group_size=pb["group_size"],
-                      scale=pb["scale"])
+    K = K0.to(device, copy=True)
+    gram.sample_gram_(K, G.to(device), torch.tensor(gm, dtype=torch.long, device=device),
+                      group_size=pb["group_size"], scale=pb["scale"])
+    K = K.cpu()
     K_ref = ref.sample_gram_(K0.double(), G, gm, group_size=pb["group_size"], scale=pb["scale"])
     K_abs = ref.sample_gram_(torch.zeros_like(K0, dtype=torch.float64), G.abs(), gm,
                              group_size=pb["group_size"], scale=abs(pb["scale"]))

@@ -82,7 +82,7 @@ def lanczos_problems(draw):
                  log_scale=2, v0="none", nan_rows=(1,), seed=7))  # past a CUDA block, short budget
 @example(pb=dict(n=37, M=3, topk=8, iters=37, tol=0.0, dtype="float64", kind="repeated",
                  log_scale=-3, v0="zero_rows", nan_rows=(), seed=8))
-def test_lambda_max_property(pb):
+def test_lambda_max_property(device, pb):
     tally("test_lambda_max_property")
     g = generator(pb["seed"])
     dtype = getattr(torch, pb["dtype"])
@@ -97,8 +97,10 @@ def test_lambda_max_property(pb):
         v0 = torch.randn(M, n, generator=g, dtype=torch.float64).to(dtype)
         if pb["v0"] == "zero_rows" and M:
             v0[::2] = 0.0
-    res = linalg.lambda_max(K, iters=pb["iters"], tol=pb["tol"], v0=v0, return_vectors=True,
-                            topk=k)
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    res = linalg.lambda_max(on(K), iters=pb["iters"], tol=pb["tol"], v0=on(v0),
+                            return_vectors=True, topk=k)
+    res = type(res)(*(t.cpu() for t in res))
     lam = res.lambdas if k is not None else res.lambdas[:, None]
     assert lam.shape == (M, k or 1) and lam.dtype == dtype
     assert res.vectors.shape == (M, n) and res.iterations.shape == (M,)
@@ -110,9 +112,10 @@ def test_lambda_max_property(pb):
     if not clean:
         return
     if pb["nan_rows"]:  # the other matrices' results do not depend on the NaN ones
-        alone = linalg.lambda_max(K[clean], iters=pb["iters"], tol=pb["tol"],
-                                  v0=None if v0 is None else v0[clean], return_vectors=True,
+        alone = linalg.lambda_max(on(K[clean]), iters=pb["iters"], tol=pb["tol"],
+                                  v0=None if v0 is None else on(v0[clean]), return_vectors=True,
                                   topk=k)
+        alone = type(alone)(*(t.cpu() for t in alone))
         assert torch.equal(alone.lambdas, res.lambdas[clean])
         assert torch.equal(alone.vectors, res.vectors[clean])
 

@@ -3,6 +3,7 @@ problems (shapes with 0, 1, primes and sizes past a chunk or block; float32 / bf
 parameters mixed in one call; whole, row-group and column-group layouts with unmanaged groups;
 random masks, step counts, hyperparameters, AMP scale and found_inf).
 
+Problems are built and checked on the CPU; the op runs on every available device (conftest).
 Checks, per element: active elements are one rounding of the float64 reference's value
 (helpers.assert_rounded_once, error bound derived from the float32 operation chain), state
 within the same bound, masked elements and a skipped (found_inf) step bitwise unchanged.
@@ -82,6 +83,15 @@ def _build(pb):
     return params, grads, layout, groups, steps, mask, amp(pb["grad_scale"]), amp(pb["found_inf"]), g
 
 
+def _on(device, tensors):
+    """Copies of ``tensors`` on ``device`` (the op's inputs; the reference runs on the CPU)."""
+    return [t.to(device, copy=True) for t in tensors]
+
+
+def _opt(t, device):
+    return None if t is None else t.to(device)
+
+
 def _per_element(layout, groups, mask, steps, p):
     """(active mask, module step count + 1 as float64), both p's shape."""
     mods = ref.element_modules_ref(layout, groups, p.numel())
@@ -117,7 +127,7 @@ LARGE = dict(num_modules=3, specs=[((131101,), "float32", ("whole", 1)),
 
 @given(pb=optim_problems(), hp=ADAMW_HP)
 @example(pb=LARGE, hp=dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8))
-def test_masked_adamw_step_property(pb, hp):
+def test_masked_adamw_step_property(device, pb, hp):
     tally("test_masked_adamw_step_property")
     params, grads, layout, groups, steps, mask, gscale, finf, g = _build(pb)
     m = [torch.randn(p.shape, generator=g) for p in params]
@@ -125,11 +135,14 @@ def test_masked_adamw_step_property(pb, hp):
     rp, rm, rv = ref.masked_adamw_step_ref([p.double() for p in params], grads, m, v, steps, mask,
                                            layout, groups, maximize=pb["maximize"],
                                            grad_scale=gscale, found_inf=finf, **hp)
-    p2, m2, v2 = [t.clone() for t in params], [t.clone() for t in m], [t.clone() for t in v]
-    steps2 = steps.clone()
-    ops.masked_adamw_step_(p2, grads, m2, v2, steps2, mask, layout, groups, hp["lr"], hp["beta1"],
-                           hp["beta2"], hp["weight_decay"], hp["eps"], pb["maximize"], gscale, finf)
-    assert torch.equal(steps2, steps), "the update op must not advance the step counts"
+    p2, m2, v2 = _on(device, params), _on(device, m), _on(device, v)
+    steps2 = steps.to(device, copy=True)
+    ops.masked_adamw_step_(p2, _on(device, grads), m2, v2, steps2, mask.to(device), layout,
+                           groups.to(device), hp["lr"], hp["beta1"], hp["beta2"],
+                           hp["weight_decay"], hp["eps"], pb["maximize"], _opt(gscale, device),
+                           _opt(finf, device))
+    p2, m2, v2 = _on("cpu", p2), _on("cpu", m2), _on("cpu", v2)
+    assert torch.equal(steps2.cpu(), steps), "the update op must not advance the step counts"
     if _skipped(pb):
         for out, before in zip(p2 + m2 + v2, params + m + v):
             assert torch.equal(out, before), "a found_inf step changed a tensor"
@@ -152,7 +165,7 @@ SGD_HP = st.sampled_from([  # (momentum, dampening, nesterov): nesterov needs da
 @given(pb=optim_problems(), mom=SGD_HP, lr=st.sampled_from([0.0, 1e-2, 0.1, 1.0]),
        wd=st.sampled_from([0.0, 0.01, 0.1]))
 @example(pb=LARGE, mom=(0.9, 0.1, False), lr=0.1, wd=0.01)
-def test_masked_sgd_step_property(pb, mom, lr, wd):
+def test_masked_sgd_step_property(device, pb, mom, lr, wd):
     tally("test_masked_sgd_step_property")
     momentum, dampening, nesterov = mom
     params, grads, layout, groups, steps, mask, gscale, finf, g = _build(pb)
@@ -160,9 +173,11 @@ def test_masked_sgd_step_property(pb, mom, lr, wd):
     rp, rb = ref.masked_sgd_step_ref([p.double() for p in params], grads, bufs, steps, mask,
                                      layout, groups, lr, momentum, dampening, wd, nesterov,
                                      maximize=pb["maximize"], grad_scale=gscale, found_inf=finf)
-    p2, b2 = [t.clone() for t in params], [t.clone() for t in bufs]
-    ops.masked_sgd_step_(p2, grads, b2, steps, mask, layout, groups, lr, momentum, dampening, wd,
-                         nesterov, pb["maximize"], gscale, finf)
+    p2, b2 = _on(device, params), _on(device, bufs)
+    ops.masked_sgd_step_(p2, _on(device, grads), b2, steps.to(device), mask.to(device), layout,
+                         groups.to(device), lr, momentum, dampening, wd, nesterov, pb["maximize"],
+                         _opt(gscale, device), _opt(finf, device))
+    p2, b2 = _on("cpu", p2), _on("cpu", b2)
     if _skipped(pb):
         for out, before in zip(p2 + b2, params + bufs):
             assert torch.equal(out, before), "a found_inf step changed a tensor"
@@ -179,7 +194,7 @@ def test_masked_sgd_step_property(pb, mom, lr, wd):
 
 
 @given(num_modules=st.integers(0, 40), data=st.data())
-def test_masked_module_steps_property(num_modules, data):
+def test_masked_module_steps_property(device, num_modules, data):
     tally("test_masked_module_steps_property")
     steps = torch.tensor(data.draw(st.lists(st.integers(0, 2**40), min_size=num_modules + 1,
                                             max_size=num_modules + 1)), dtype=torch.int64)
@@ -187,6 +202,6 @@ def test_masked_module_steps_property(num_modules, data):
                                            max_size=num_modules)), dtype=torch.bool)
     finf = data.draw(st.sampled_from([None, 0.0, 1.0, float("inf")]))
     finf_t = None if finf is None else torch.tensor([finf])
-    out = steps.clone()
-    ops.masked_module_steps_(out, mask, finf_t)
-    assert torch.equal(out, ref.masked_module_steps_ref(steps, mask, finf_t))
+    out = steps.to(device, copy=True)
+    ops.masked_module_steps_(out, mask.to(device), _opt(finf_t, device))
+    assert torch.equal(out.cpu(), ref.masked_module_steps_ref(steps, mask, finf_t))
