@@ -48,14 +48,16 @@ def _assert_matches(outs, refs, originals, active_fn, dtype_of, per_list):
 
 def _assert_adamw_params_rounded_once(outs, params, grads, m, v, steps, mask, layout, groups,
                                       lr, beta1, beta2, weight_decay, eps, maximize=False,
-                                      grad_scale=None):
+                                      grad_scale=None, r64=None):
     """Every active element of outs is one rounding (to its dtype) of the float64 reference
     computed from the same inputs (helpers.assert_rounded_once): fp32 master math, one rounding
-    at the write. Masked elements are checked bitwise by the callers."""
+    at the write. Masked elements are checked bitwise by the callers. r64: the reference's
+    float64 parameters if the caller has them already."""
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
-    r64, _, _ = ref.masked_adamw_step_ref([p.double() for p in params], grads, m, v, steps, mask,
-                                          layout, groups, maximize=maximize,
-                                          grad_scale=grad_scale, **hp)
+    if r64 is None:
+        r64, _, _ = ref.masked_adamw_step_ref([p.double() for p in params], grads, m, v, steps,
+                                              mask, layout, groups, maximize=maximize,
+                                              grad_scale=grad_scale, **hp)
     for i, (o, p) in enumerate(zip(outs, params)):
         mods = ref.element_modules_ref(layout[i], groups, p.numel()).cpu()
         active = ref._active_elements(layout[i], groups, mask, p.numel()).view(p.shape).cpu()
@@ -212,8 +214,8 @@ def test_many_large_tensors_mixed_dtypes(device):
     mask = torch.tensor([True, False, True, True, False, False], device=device)
     m = [torch.zeros(p.shape, device=device) for p in params]
     v = [torch.zeros(p.shape, device=device) for p in params]
-    rp, rm, rv = ref.masked_adamw_step_ref(params, grads, m, v, steps, mask, layout, groups,
-                                           1e-2, 0.9, 0.999, 0.01, 1e-8)
+    rp, rm, rv = ref.masked_adamw_step_ref([p.double() for p in params], grads, m, v, steps,
+                                           mask, layout, groups, 1e-2, 0.9, 0.999, 0.01, 1e-8)
     p2 = [t.clone() for t in params]
     ops.masked_adamw_step_(p2, grads, m, v, steps, mask, layout, groups, 1e-2, 0.9, 0.999, 0.01,
                            1e-8, False, None, None)
@@ -223,7 +225,7 @@ def test_many_large_tensors_mixed_dtypes(device):
         assert_close_rel(torch.cat([t.flatten() for t in out]), torch.cat([t.flatten() for t in r]))
     m0 = [torch.zeros(p.shape, device=device) for p in params]
     _assert_adamw_params_rounded_once(p2, params, grads, m0, m0, steps, mask, layout, groups,
-                                      1e-2, 0.9, 0.999, 0.01, 1e-8)
+                                      1e-2, 0.9, 0.999, 0.01, 1e-8, r64=rp)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
