@@ -166,3 +166,27 @@ def test_sample_gram_property(device, pb):
                              group_size=pb["group_size"], scale=abs(pb["scale"]))
     chain = pb["p"] + len(gm) + 8
     _assert_within(K, K_ref, K_abs, K0, chain, "sample_gram_")
+
+
+def test_the_bound_detects_a_misassigned_group_or_a_lost_sample():
+    # The derived bound is tight enough to fail real mistakes: a Gram accumulated with two
+    # groups' modules swapped, or with one sample's factor rows zeroed, lies outside it.
+    g = generator(0)
+    A, B = torch.randn(5, 4, 6, generator=g), torch.randn(5, 4, 8, generator=g)
+    gm = [0, 1]
+    K0 = torch.zeros(2, 5, 5)
+    K_ref = ref.linear_gram_(K0.double(), A, B, gm, group_size=4)
+    K_abs = ref.linear_gram_(K0.double(), A.abs(), B.abs(), gm, group_size=4)
+    chain = 4 * 4 + 2 * 4 + 6 * 8 + 6 + 8 + 2 + 8
+    good = gram.linear_gram_(K0.clone(), A, B, torch.tensor(gm), group_size=4)
+    _assert_within(good, K_ref, K_abs, K0, chain, "correct")
+    swapped = gram.linear_gram_(K0.clone(), A, B, torch.tensor([1, 0]), group_size=4)
+    lost = B.clone()
+    lost[3] = 0
+    dropped = gram.linear_gram_(K0.clone(), A, lost, torch.tensor(gm), group_size=4)
+    for wrong in (swapped, dropped):
+        try:
+            _assert_within(wrong, K_ref, K_abs, K0, chain, "wrong")
+        except AssertionError:
+            continue
+        raise AssertionError("the bound accepted a wrong Gram")
