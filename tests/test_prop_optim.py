@@ -80,7 +80,8 @@ def _build(pb):
     steps = torch.tensor(pb["steps"], dtype=torch.int64)
     mask = torch.tensor(pb["mask"], dtype=torch.bool)
     amp = lambda v: None if v is None else torch.tensor([v], dtype=torch.float32)  # noqa: E731
-    return params, grads, layout, groups, steps, mask, amp(pb["grad_scale"]), amp(pb["found_inf"]), g
+    return (params, grads, layout, groups, steps, mask, amp(pb["grad_scale"]),
+            amp(pb["found_inf"]), g)
 
 
 def _on(device, tensors):
