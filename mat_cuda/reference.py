@@ -126,7 +126,7 @@ def linear_gram_(K, A, B, group_module, *, group_dim=0, group_size=None, weight=
         parts = []
         if weight:
             sl = g[:, k * gs:(k + 1) * gs, :] if group_dim == 0 else g[:, :, k * gs:(k + 1) * gs]
-            parts.append(sl.reshape(n, -1))
+            parts.append(sl.flatten(1))
         if bias:
             parts.append(bsum[:, k * gs:(k + 1) * gs])
         flat = torch.cat(parts, 1) if parts else torch.zeros(n, 0, dtype=torch.float64)
@@ -148,7 +148,7 @@ def embedding_gram_(K, indices, B, module, *, padding_idx=None, scale=1.0):
     for i in range(n):
         keep = idx[i] != padding_idx if padding_idx is not None else torch.ones(T, dtype=torch.bool)
         g[i].index_add_(0, idx[i][keep], B64[i][keep])
-    flat = g.reshape(n, -1)
+    flat = g.flatten(1)
     if module >= 0:
         K[module] += (scale * (flat @ flat.T)).to(K.dtype).to(K.device)
     return K
@@ -205,13 +205,13 @@ def module_grams_reference(model: torch.nn.Module, module_map, grads: dict) -> t
             continue
         g = grads[name].detach().to(torch.float64).cpu()
         if lay.kind == "whole":
-            slices = [(lay.module, g.reshape(n, -1))]
-        elif lay.kind == "rows":
-            g = g.reshape(n, len(lay.group_module), -1)
+            slices = [(lay.module, g.flatten(1))]
+        elif lay.kind == "rows":  # explicit sizes, not -1: n may be 0
+            g = g.reshape(n, len(lay.group_module), p.numel() // max(len(lay.group_module), 1))
             slices = [(m, g[:, i]) for i, m in enumerate(lay.group_module)]
         else:
-            g = g.reshape(n, -1, len(lay.group_module), lay.group_size)
-            slices = [(m, g[:, :, i].reshape(n, -1)) for i, m in enumerate(lay.group_module)]
+            g = g.reshape(n, p.numel() // max(p.shape[-1], 1), len(lay.group_module), lay.group_size)
+            slices = [(m, g[:, :, i].flatten(1)) for i, m in enumerate(lay.group_module)]
         for m, G in slices:
             if m >= 0:
                 K[m] += G @ G.T

@@ -330,6 +330,7 @@ def test_cifar_reader(tmp_path):
         assert im.class_names == tuple(f"c{i}" for i in range(10)) and im.num_classes == 10
         raw = batches["data_batch_2"][b"data"][1]  # the 5th train image (batch 2, row 1)
         c, h, w = 2, 5, 31
+        # approx (rel 1e-6): the loader's float32 byte/255, one rounding (u32 ≈ 6e-8).
         assert im.train_x[4, c, h, w].item() == pytest.approx(raw[c * 1024 + h * 32 + w] / 255)
         assert torch.equal(im.train_x[4], torch.from_numpy(raw.reshape(3, 32, 32) / 255.0).float())
         assert im.train_y.tolist() == sum((batches[f"data_batch_{i}"][b"labels"]

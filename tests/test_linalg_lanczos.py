@@ -7,7 +7,10 @@ from mat_cuda import linalg
 from mat_cuda.reference import lambda_max_reference
 
 # Relative error on λ_max at the default budget when the spectral gap allows it (the issue's
-# target), and with iters >= n (exact to rounding).
+# target: 1e-5 in float32, i.e. ~(4n + 32)·u32 at n ≤ 40, the backward-error bound of Lanczos
+# with full reorthogonalisation, see tests/test_prop_lanczos.py; float64 the same chain at
+# u64 plus the default stopping tol 1e-6 squared over the gap ≈ 1e-12, rounded up), and with
+# iters >= n (exact to rounding: the backward-error bound alone, n ≤ 100: 4·100·u64 ≈ 4e-14).
 GAP_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 EXACT_TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
@@ -95,6 +98,7 @@ def test_zero_matrices_give_zero(device):
     res = linalg.lambda_max(K, return_vectors=True, topk=3)
     assert (res.lambdas == 0).all()
     assert (res.residuals == 0).all()
+    # allclose defaults (rtol 1e-5): a float32 vector normalised once, ~n·u32.
     assert torch.allclose(res.vectors.norm(dim=1).cpu(), torch.ones(4))
 
 
@@ -118,7 +122,7 @@ def test_full_budget_finds_multiplicities(device):
     K = psd_with_spectrum(spec)
     out = linalg.lambda_max(K.to(device), iters=n, tol=0.0, topk=6)
     expected = torch.tensor([5.0, 5.0, 5.0, 2.0, 1.0, 1.0], dtype=torch.float64).expand(3, 6)
-    assert rel_errors(out, expected).max().item() <= 1e-5
+    assert rel_errors(out, expected).max().item() <= 1e-5  # float32 K: EXACT_TOL[float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -143,13 +147,18 @@ def test_vectors_and_residuals(device, dtype):
     assert res.iterations.dtype == torch.int32 and res.residuals.shape == (M,)
     v = res.vectors.double().cpu()
     lam = res.lambdas.double().cpu()
+    # atol 1e-5: a float32 unit vector normalised once, ‖v‖ off by ≲ n·u32 (n ≤ 100: 6e-6).
     assert torch.allclose(v.norm(dim=1), torch.ones(M, dtype=torch.float64), atol=1e-5)
-    # The returned residual is the explicit ‖K v − λ v‖.
+    # The returned residual is the explicit ‖K v − λ v‖. rtol 0.1: the kernel forms K v − λ v in
+    # the working precision, where the residual (≈ tol·λ) is itself near rounding level; atol:
+    # 2e-5 ≈ the float32 rounding floor of that difference at λ ≈ 2.
     r = (K @ v[:, :, None]).squeeze(-1) - lam[:, None] * v
     assert torch.allclose(res.residuals.double().cpu(), r.norm(dim=1), rtol=0.1, atol=1e-5 * 2.0)
     # With a gap of 1 the Ritz vector is the eigenvector (up to sign).
     evecs = torch.linalg.eigh(K).eigenvectors[:, :, -1]
     cos = (evecs * v).sum(dim=1).abs()
+    # 1 − cos ≈ angle²/2 with angle ≲ residual/gap ≈ tol·λ/1 (≈ 2e-6): ~1e-12, plus the float32
+    # vector's own rounding (~n·u32 ≈ 6e-6 at n = 100); 1e-5 covers both.
     assert (cos >= 1 - 1e-5).all(), cos.min()
     assert (res.iterations >= 1).all() and (res.iterations <= n).all()
 
@@ -162,6 +171,8 @@ def test_clustered_top_eigenvalue_is_accurate_with_budget(device):
     spec[:, 0], spec[:, 1], spec[:, 2] = 1.0, 1.0 - 1e-9, 1.0 - 2e-9
     K = psd_with_spectrum(spec)
     out = linalg.lambda_max(K.to(device, torch.float64), iters=20, tol=1e-12)
+    # 1e-8: a cluster 1e-9 wide stops Lanczos at tol 1e-12 within the cluster's width (1e-9
+    # relative) of λ_max, plus float64 rounding; 1e-8 leaves a decade.
     assert rel_errors(out, lambda_max_reference(K)).max().item() <= 1e-8
 
 
@@ -175,9 +186,11 @@ def test_hard_spectrum_below_budget_is_a_lower_bound(device):
     res = linalg.lambda_max(K.to(device), iters=8, return_vectors=True)
     ref = lambda_max_reference(K)
     lam = res.lambdas.double().cpu()
+    # 1e-6 ≈ 16 u32: a Rayleigh quotient never exceeds λ_max beyond float32 rounding.
     assert (lam <= ref * (1 + 1e-6)).all()
     evals = torch.linalg.eigvalsh(K)
     dist = (evals - lam[:, None]).abs().amin(dim=1)
+    # + 1e-6: the float32 rounding floor of the residual at λ ≈ 1 (≈ 16 u32).
     assert (dist <= res.residuals.double().cpu() + 1e-6).all()
     assert (res.iterations == 8).all()
 
@@ -200,6 +213,8 @@ def test_warm_start_reduces_iterations(device):
             cold_total += int(cold.iterations.sum())
             warm_total += int(warm.iterations.sum())
         v = warm.vectors
+    # Measured warm/cold ratio over torch seeds 0-4: 0.408-0.426 (CPU, float32); 0.7 leaves a wide
+    # margin and still fails if warm starts saved less than 30%.
     assert warm_total < 0.7 * cold_total, (warm_total, cold_total)
 
 
@@ -335,6 +350,8 @@ def test_large_matrices_and_budgets(device, n, iters, dtype):
     res = linalg.lambda_max(K.to(device, dtype), iters=iters, return_vectors=True)
     err = rel_errors(res.lambdas, lambda_max_reference(K)).max().item()
     assert err <= GAP_TOL[dtype], f"max relative error {err:.3e}"
+    # 1e-4·|λ|: converged at the default tol 1e-6, or (short budget on a decaying spectrum)
+    # the residual Lanczos reaches in 32 steps; far below it would mean no convergence at all.
     assert (res.residuals.double().cpu() <= 1e-4 * res.lambdas.double().cpu().abs()).all()
 
 
@@ -346,6 +363,9 @@ def test_cuda_matches_cpu(dtype):
     K = psd_with_spectrum(spectrum("separated", 20, 70)).to(dtype)
     cpu = linalg.lambda_max(K, return_vectors=True, topk=3)
     gpu = linalg.lambda_max(K.cuda(), return_vectors=True, topk=3)
+    # Each side is within GAP_TOL of the truth and may stop at a different step: 10x covers
+    # both errors plus one extra Lanczos step's change; cos ≥ 1 − 1e-4: the Ritz vectors of a
+    # gap-1 spectrum agree to ~sqrt(2·1e-4) ≈ 1.4e-2 in angle at worst after early stopping.
     assert rel_errors(gpu.lambdas, cpu.lambdas).max().item() <= 10 * GAP_TOL[dtype]
     cos = (gpu.vectors.double().cpu() * cpu.vectors.double()).sum(dim=1).abs()
     assert (cos >= 1 - 1e-4).all()

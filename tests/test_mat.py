@@ -9,6 +9,7 @@ import torch
 import mat_cuda
 from mat_cuda import MAT, MATPolicy, MNTKProbe, ModularPolicy, ModuleMap
 from mat_cuda.models import BertEncoderMLM, mlm_loss
+from helpers import assert_close_rel, rel_err
 
 V, N, T = 30, 4, 6
 
@@ -183,6 +184,7 @@ def test_accumulation_probes_only_the_last_micro_batch():
     x, y = micro[1]
     (mlm_loss(ref(x), y) / A).backward()
     lam_ref = mat_cuda.lambda_max(probe.gram())
+    # rtol: float32 Grams and Lanczos on both sides, summed in another order (~10 u32 · n).
     torch.testing.assert_close(lam, lam_ref.double(), rtol=1e-5, atol=0)
     # The optimizer stepped once, on the sum of both micro-batches' gradients.
     assert mat.step_count == 1 and int(mat.optimizer.module_steps[-1]) == 1
@@ -238,6 +240,49 @@ def test_step_ended_early_postpones_its_probe():
     mat.close()
 
 
+def test_accumulation_steps_on_the_summed_gradient():
+    # The optimizer sees Σ over micro-batches of ∇(loss_k / A), the gradient of the mean loss
+    # over all A micro-batches, and updates the weights from that sum.
+    A = 3
+    model = make_model()
+    ref = copy.deepcopy(model)
+    mat = build(model, accumulation_steps=A)
+    micro = make_batches(A, seed=6)
+    seen = {}
+    inner_step = mat.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen["grads"] = [p.grad.detach().clone() for p in model.parameters()]
+        return inner_step(*args, **kwargs)
+
+    mat.optimizer.step = recording_step
+    for k, b in enumerate(micro):
+        assert step(mat, model, b, 1 / A) is (k == A - 1)
+    # Reference: plain autograd on the copy, the micro-batch losses summed into one backward.
+    total = sum(mlm_loss(ref(x), y) / A for x, y in micro)
+    total.backward()
+    for (name, q), g in zip(ref.named_parameters(), seen["grads"]):
+        # float32 gradients accumulated in another order: a few u32 relative (1e-6 = 16 u32).
+        assert_close_rel(g, q.grad, tol=1e-6, msg=name)
+    # A single micro-batch's gradient is far from the sum (the check can fail).
+    single = copy.deepcopy(make_model())
+    (mlm_loss(single(micro[-1][0]), micro[-1][1]) / A).backward()
+    assert rel_err(next(single.parameters()).grad, next(ref.parameters()).grad) > 1e-2
+    # The update used that gradient: AdamW's first step on the probe's mask, with the same
+    # gradients, lands on the same weights.
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    ref_opt.step()
+    frozen = set((~mat.optimizer.module_mask).nonzero().flatten().tolist())
+    mm = mat.module_map
+    for (name, p), q, p0 in zip(model.named_parameters(), ref.parameters(),
+                                make_model().parameters()):
+        em = element_mask(mm, p, frozen)
+        assert torch.equal(p.detach()[em], p0.detach()[em]), f"{name}: frozen elements moved"
+        # AdamW's first step moves each element by ~lr: 1e-6 relative is float32 rounding.
+        assert_close_rel(p.detach()[~em], q.detach()[~em], tol=1e-6, msg=name)
+    mat.close()
+
+
 def test_grad_scaler_gives_the_unscaled_run():
     data = make_batches(4)
     model, ref = make_model(), make_model()
@@ -251,8 +296,10 @@ def test_grad_scaler_gives_the_unscaled_run():
         mat.zero_grad()
         step(mat_ref, ref, b)
     r, rr = mat.report(), mat_ref.report()
+    # The scale is a power of two (exact); λ: float32 Gram + Lanczos, ~(4n + 32)·u32 → 1e-5.
     torch.testing.assert_close(r["lam"], rr["lam"], rtol=1e-5, atol=0)
     assert torch.equal(r["mask"], rr["mask"])
+    # Same float32 math on the same gradients (scaling exact): ~16 u32; atol for values near 0.
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     mat.close()
@@ -285,6 +332,8 @@ def test_clip_grad_norm_with_scaler():
     total = mat.clip_grad_norm_(1e-3)
     assert float(total) > 1e-3
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # clip_grad_norm_ scales by max_norm / (total + 1e-6): the norm lands at max_norm within
+    # float32 rounding; 1.001 allows that and nothing like an unclipped gradient.
     assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) <= 1e-3 * 1.001
     mat.step()
     mat.close()
@@ -303,7 +352,34 @@ def test_report_and_should_stop():
     assert r["steps"] == 5 and r["module_steps"].shape == (M + 1,)
     # Frozen half of heads and FFNs on 2 non-probe steps of 5: a positive saving below 1/2.
     assert 0 < r["compute_saved"] < 0.5
-    assert isinstance(mat.should_stop, bool)
+    assert mat.should_stop is False  # the default temporal policy needs more probes than 3
+    mat.close()
+
+
+@pytest.mark.parametrize("eps, stops_at", [(1e9, 3), (1e-300, None)])
+def test_should_stop_becomes_true_when_every_module_retires(eps, stops_at):
+    # Every module trains (budget 1.0) and is probed at every step. With ε huge, every ratio is
+    # below ε: the temporal policy's streak reaches patience = 2 at the third probe (the first
+    # only records λ), so should_stop is False after steps 1 and 2 and True from step 3 on.
+    # With ε tiny no module retires and should_stop stays False.
+    model = make_model()
+
+    def policy(mm):
+        kinds = mm.kinds
+        return MATPolicy(kinds, modular=ModularPolicy(kinds, mode="budget", budget=1.0),
+                         temporal=mat_cuda.TemporalPolicy(kinds, eps=eps, patience=2),
+                         warmup=0, probe_every=1)
+
+    mat = build(model, policy_fn=policy)
+    seen = []
+    for b in make_batches(5):
+        step(mat, model, b)
+        seen.append(mat.should_stop)
+    want = [stops_at is not None and k + 1 >= stops_at for k in range(5)]
+    assert seen == want
+    if stops_at is not None:
+        assert mat.report()["converged_kinds"] == ["head", "ffn"]
+        assert not mat.optimizer.module_mask.any()  # retired modules are frozen
     mat.close()
 
 
@@ -415,6 +491,8 @@ def test_output_kernels_measure_every_module_on_the_probe_batch(kernel):
     rep = mat.report()
     assert rep["step"].tolist() == [0, 2, 4]
     if kernel == "logit_sum":
+        # float32 probe (logit-sum kernel: Grams over V logits, ~V·u32 ≈ 2e-6 per entry) and
+        # Lanczos at the default tol 1e-6: 1e-4 leaves margin for the float32 forward too.
         torch.testing.assert_close(rep["lam"][0].double(), lambda_max_reference(K_ref),
                                    rtol=1e-4, atol=1e-8)
     # Every module is measured at every probe, the frozen ones included.

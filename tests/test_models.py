@@ -77,12 +77,14 @@ def test_predicted_positions_equal_full_logits(device, make):
     full = model(ids)
     sparse = model(ids, predict=predict)
     assert sparse.shape == (int(predict.sum()), VOCAB)
+    # float64 model: the same ops on a subset of rows, ~u64 per op; 1e-12 ≈ 10^4 u64.
     torch.testing.assert_close(sparse, full[predict], rtol=1e-12, atol=1e-12)
     for reduction in ("mean", "sum", "none"):
         torch.testing.assert_close(mlm_loss(sparse, labels, reduction=reduction),
                                    mlm_loss(full, labels, reduction=reduction))
     g_sparse = torch.autograd.grad(mlm_loss(sparse, labels), model.layers[0].attn.q.weight)[0]
     g_full = torch.autograd.grad(mlm_loss(model(ids), labels), model.layers[0].attn.q.weight)[0]
+    # float64 gradients through the whole model (sums of ~10^3 terms in another order): 1e-10.
     torch.testing.assert_close(g_sparse, g_full, rtol=1e-10, atol=1e-12)
 
 
@@ -156,6 +158,8 @@ def test_loss_falls(name):
         aux = 0.01 if name == "moe" else 0.0
         losses = train(model, lambda m: mlm_loss(m(ids), labels) + (aux * m.aux_loss if aux else 0.0))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # A fixed batch, 30 AdamW steps: a working model at least cuts its loss by 30% (a loose
+    # sanity bound; a model whose gradients do not flow stays near its first loss).
     assert last < 0.7 * first, f"{name}: loss {first:.3f} -> {last:.3f}"
 
 
@@ -173,6 +177,7 @@ def test_packed_and_separate_qkv_agree(device):
     ids, _ = mlm_batch(4, 9, device)
     mask = torch.ones(4, 9, dtype=torch.bool, device=device)
     mask[2, 4:] = False
+    # float64: packed vs separate projections differ only in GEMM blocking (~d·u64 ≪ 1e-12).
     torch.testing.assert_close(packed(ids, mask), sep(ids, mask), rtol=1e-12, atol=1e-12)
 
 
@@ -203,9 +208,11 @@ def test_moe_samples_independent(device, capacity_factor):
         other = mlm_batch(6, 12, device)[0]
         other[2] = ids[2]  # sample 2 kept, all others replaced
         out2 = model(other)
+        # float32: another batch changes only GEMM blocking for this row (~d·u32 ≈ 1e-6).
         torch.testing.assert_close(out2[2], out[2], rtol=1e-6, atol=1e-6)
         assert torch.equal(model.layers[0].moe.last_routing[2], routing[2])
     alone = model(ids[2:3])
+    # float32, batch of 1 vs 6: GEMM blocking only, as above.
     torch.testing.assert_close(alone[0], out[2], rtol=1e-6, atol=1e-6)
 
 
@@ -215,6 +222,7 @@ def test_vgg_samples_independent(device):
     out = model(x)
     x2 = torch.randn_like(x)
     x2[4] = x[4]
+    # float32 convolutions, another batch: blocking-order rounding only (~d·u32).
     torch.testing.assert_close(model(x2)[4], out[4], rtol=1e-6, atol=1e-6)
 
 

@@ -3,7 +3,8 @@ every layout, every parameter dtype, odd and empty shapes, masked elements untou
 import pytest
 import torch
 
-from helpers import REL_TOL, assert_close_rel
+from helpers import (STEP_ROUNDINGS, U32, adamw_error_scale, assert_close_rel,
+                     assert_rounded_once)
 from mat_cuda import reference as ref
 from mat_cuda._ops import ops
 from mat_cuda.modules import ModuleMap
@@ -45,6 +46,29 @@ def _assert_matches(outs, refs, originals, active_fn, dtype_of, per_list):
         assert torch.equal(o[~active], orig[~active]), f"tensor {i}: masked elements changed"
 
 
+def _assert_adamw_params_rounded_once(outs, params, grads, m, v, steps, mask, layout, groups,
+                                      lr, beta1, beta2, weight_decay, eps, maximize=False,
+                                      grad_scale=None, r64=None):
+    """Every active element of outs is one rounding (to its dtype) of the float64 reference
+    computed from the same inputs (helpers.assert_rounded_once): fp32 master math, one rounding
+    at the write. Masked elements are checked bitwise by the callers. r64: the reference's
+    float64 parameters if the caller has them already."""
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps)
+    if r64 is None:
+        r64, _, _ = ref.masked_adamw_step_ref([p.double() for p in params], grads, m, v, steps,
+                                              mask, layout, groups, maximize=maximize,
+                                              grad_scale=grad_scale, **hp)
+    for i, (o, p) in enumerate(zip(outs, params)):
+        mods = ref.element_modules_ref(layout[i], groups, p.numel()).cpu()
+        active = ref._active_elements(layout[i], groups, mask, p.numel()).view(p.shape).cpu()
+        step = (steps.cpu()[mods] + 1).double().view(p.shape)
+        scale, _, _ = adamw_error_scale(p.cpu(), grads[i].cpu(), m[i].cpu(), v[i].cpu(), step,
+                                        grad_scale=None if grad_scale is None else float(grad_scale),
+                                        **hp)
+        assert_rounded_once(o.cpu()[active], r64[i].cpu()[active],
+                            STEP_ROUNDINGS * U32 * scale[active], msg=f"param {i}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("maximize, scaled", [(False, False), (True, True)])
 def test_masked_adamw_step_matches_reference(device, dtype, maximize, scaled):
@@ -66,6 +90,10 @@ def test_masked_adamw_step_matches_reference(device, dtype, maximize, scaled):
         params[i % n].shape)
     _assert_matches(p2 + m2 + v2, rp + rm + rv, originals, act,
                     lambda t: t.dtype, n)
+    # The norm-wise check above allows bf16's 1e-2 (about one update at lr 1e-2); this one
+    # fails an update that was dropped, doubled or misplaced.
+    _assert_adamw_params_rounded_once(p2, params, grads, m, v, steps, mask, layout, groups,
+                                      grad_scale=scale, **hp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -186,15 +214,42 @@ def test_many_large_tensors_mixed_dtypes(device):
     mask = torch.tensor([True, False, True, True, False, False], device=device)
     m = [torch.zeros(p.shape, device=device) for p in params]
     v = [torch.zeros(p.shape, device=device) for p in params]
-    rp, rm, rv = ref.masked_adamw_step_ref(params, grads, m, v, steps, mask, layout, groups,
-                                           1e-2, 0.9, 0.999, 0.01, 1e-8)
+    rp, rm, rv = ref.masked_adamw_step_ref([p.double() for p in params], grads, m, v, steps,
+                                           mask, layout, groups, 1e-2, 0.9, 0.999, 0.01, 1e-8)
     p2 = [t.clone() for t in params]
     ops.masked_adamw_step_(p2, grads, m, v, steps, mask, layout, groups, 1e-2, 0.9, 0.999, 0.01,
                            1e-8, False, None, None)
-    for i, (a, r) in enumerate(zip(p2, rp)):
-        assert_close_rel(a, r, msg=f"param {i}")
+    # fp32 state: REL_TOL[float32] (≈16 u32). Params: one rounding of the float64 reference
+    # (a bf16 tensor with a dropped or wrong write-back fails; REL_TOL[bf16] = 1e-2 would not).
     for out, r in ((m, rm), (v, rv)):
         assert_close_rel(torch.cat([t.flatten() for t in out]), torch.cat([t.flatten() for t in r]))
+    m0 = [torch.zeros(p.shape, device=device) for p in params]
+    _assert_adamw_params_rounded_once(p2, params, grads, m0, m0, steps, mask, layout, groups,
+                                      1e-2, 0.9, 0.999, 0.01, 1e-8, r64=rp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropped_write_back_fails_the_rounding_check(dtype):
+    # The parameter check must catch an update that was computed but never written: compare the
+    # un-updated parameters (what a dropped bf16/fp16 write-back leaves) with the reference.
+    params, grads, steps, mask, layout, groups = _problem("cpu", dtype)
+    mask[:] = True
+    m = [torch.zeros(p.shape) for p in params]
+    v = [torch.zeros(p.shape) for p in params]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8)
+    p2 = [t.clone() for t in params]
+    ops.masked_adamw_step_(p2, grads, [t.clone() for t in m], [t.clone() for t in v], steps, mask,
+                           layout, groups, *hp.values(), False, None, None)
+    _assert_adamw_params_rounded_once(p2, params, grads, m, v, steps, mask, layout, groups, **hp)
+    with pytest.raises(AssertionError, match="not a single"):
+        _assert_adamw_params_rounded_once(params, params, grads, m, v, steps, mask, layout,
+                                          groups, **hp)
+    # The old norm-wise tolerance alone would not have caught it (bf16): that is the point.
+    if dtype == torch.bfloat16:
+        rp, _, _ = ref.masked_adamw_step_ref(params, grads, m, v, steps, mask, layout, groups, **hp)
+        flat = lambda ts: torch.cat([t.flatten().double() for t in ts])  # noqa: E731
+        from helpers import REL_TOL, rel_err
+        assert rel_err(flat(params), flat(rp)) <= REL_TOL[torch.bfloat16]
 
 
 def test_cpu_path_without_avx_matches_reference():

@@ -59,6 +59,7 @@ def test_ratio_geomean_threshold(device):
     lam = [1.0, 4.0, 16.0, 0.0]  # geometric mean over λ > 0: 4
     pol = ModularPolicy(["h"] * 4, centre="geomean", alpha=1.0, hysteresis=0.0)
     assert mask_list(pol.update(lam_of(lam, device))) == [False, True, True, False]
+    # approx (rel 1e-6): a float64 geometric mean via exp(mean(log)), a few u64 off 4.0.
     assert pol.kind_centre(lam_of(lam, device, torch.float64)).item() == pytest.approx(4.0)
 
 

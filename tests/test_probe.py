@@ -14,7 +14,9 @@ from mat_cuda.modules import ModuleMap
 from mat_cuda.reference import module_grams_reference, per_sample_grads_reference
 from probe_models import MODELS, make_cnn, make_embed_norm, make_encoder, make_mlp
 
-TOL = 1e-5            # fp32 probe vs float64 oracle (the bound)
+# fp32 probe vs float64 oracle (the bound): Grams summed over ≲ 10^3 terms per entry,
+# norm-wise error ~sqrt(L)·u32 … L·u32 ≈ 2e-6 … 6e-5 worst case; 1e-5 is the target.
+TOL = 1e-5
 ALGORITHMS = ["ghost", "explicit"]
 
 
@@ -180,6 +182,8 @@ def test_loss_mode_under_autocast(device):
         F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
         K = probe.gram()
     ref = _oracle(model, mm, _ce, x, y)
+    # bf16 autocast forward: activations carry bf16 rounding (u = 3.9e-3) through ~3 layers
+    # into both Gram factors; 5e-2 ≈ 12 u_bf16 vs the float32 oracle on the unrounded model.
     assert rel_err(K, ref) <= 5e-2
 
 

@@ -13,7 +13,7 @@ from mat_cuda.discovery import discover
 from mat_cuda.models import SwitchMoELM
 from mat_cuda.reference import module_grams_reference
 
-TOL = 1e-5
+TOL = 1e-5  # fp32 probe vs float64 oracle, as tests/test_probe.py (≈ 16 u32 … sqrt(L)·u32)
 N, T, VOCAB = 4, 5, 29
 
 

@@ -135,6 +135,7 @@ def _check(model, ref, found, frozen, frozen_ffns, x, x_ref):
         elif p.grad is None:  # detach: reaches the loss only through frozen heads (a pre-LN
             assert torch.all(g_ref[n] == 0), n  # feeding a wholly frozen layer): not computed
         else:
+            # float64 grads through attention (~10^3-term sums): ≲ 10^3·u64 → 1e-9
             torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-9, atol=1e-14, msg=n)
 
 
@@ -180,6 +181,7 @@ def test_forward_unchanged(arch, impl, mode):
     sk.set_mask(_mask(found, FROZEN, [1]))
     x = _input(arch, torch.float32)
     with torch.no_grad():
+        # float32 on both sides, other GEMM split: REL_TOL[float32] (16 u32 ≈ 1e-6)
         assert_close_rel(_run(arch, model, x), _run(arch, ref, x), tol=1e-6)
     sk.restore()
     assert all("forward" not in vars(m) for m in model.modules())
@@ -333,6 +335,7 @@ def test_attention_weights_returned_in_head_order(arch):
     assert len(att) == len(att_ref) == 2
     for a, b in zip(att, att_ref):
         assert a.shape == b.shape and a.shape[1] == HEADS
+        # float64, same ops in another order: ≈16 u64 relative, no absolute slack
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     assert att[0].requires_grad and not att[1].requires_grad
 
@@ -369,6 +372,7 @@ def test_per_head_mask_is_split_with_the_heads():
     mask = torch.randn(N, HEADS, T, T, generator=g, dtype=torch.float64)  # distinct per head
     y = model.encoder.layer[0].attention(h, attention_mask=mask)[0]
     y_ref = ref.encoder.layer[0].attention(h, attention_mask=mask)[0]
+    # float64, same ops in another order (≈16 u64); atol for entries that cancel to ~0
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-14)
 
 
@@ -398,9 +402,11 @@ def test_gpt2_reorder_and_upcast_attention(mode, monkeypatch):
     expected = [(2, True), (2, False), (HEADS, True)] if mode == "detach" else [(HEADS, True)] * 2
     assert calls == expected
     y_ref = _run("gpt2", ref, x_ref)
+    # float32 on both sides, other GEMM split: REL_TOL[float32] (16 u32 ≈ 1e-6)
     assert_close_rel(y, y_ref, tol=1e-6)
     _loss(y).backward()
     _loss(y_ref).backward()
+    # float32 dX through softmax attention and several GEMMs: ~10^2 u32 → 1e-5
     assert_close_rel(x.grad, x_ref.grad, tol=1e-5, msg="dX")
 
 
@@ -425,6 +431,7 @@ def test_routing_is_per_block_and_restore_undoes_it(arch, monkeypatch):
     assert ROUTE_NAME not in transformers.AttentionInterface._global_mapping  # only during a forward
     assert all(m.config is config for m in holders) and config._attn_implementation == "eager"
     calls.clear()
+    # float64 both sides, same math in other GEMMs: REL_TOL[float64] (helpers.py)
     assert_close_rel(_run(arch, other, x), y, tol=1e-12)
     assert calls == [(HEADS, True, True)] * 2
 

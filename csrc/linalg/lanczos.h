@@ -83,7 +83,9 @@ MAT_HD void lanczos_solve_tridiag(const double* a, const double* b, int s, doubl
     const double lam = tridiag_bisect(a, b, s, s - 1 - k, glo, fmin(ghi, ritz[k - 1]) + DBL_EPSILON * norm,
                                       pivmin, 2.0 * DBL_EPSILON * norm);
     tridiag_eigvec(a, b, s, lam, x, work);
-    ritz[k] = lam;
+    // Bisection stops within 2·eps·‖T‖, so eigenvalues equal to rounding could come out in the
+    // wrong order by that much; clamping keeps the documented descending order exactly.
+    ritz[k] = fmin(lam, ritz[k - 1]);
     est[k] = fabs(beta_next * x[s - 1]);
   }
 }
