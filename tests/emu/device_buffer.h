@@ -16,6 +16,12 @@
 #include <sanitizer/asan_interface.h>
 #endif
 
+namespace emu {
+// Pages made unreadable on purpose: the SIGSEGV handler (emu_runtime.cpp) names them.
+void note_unreadable(const void* begin, size_t bytes);
+void forget_unreadable(const void* begin, size_t bytes);
+}  // namespace emu
+
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
@@ -73,12 +79,16 @@ class DeviceBuffer {
       if (a >= b) continue;  // no data bytes in the page
       if (a >= lo && b <= hi) {
         mprotect(pg, page_, PROT_NONE);
+        emu::note_unreadable(pg, page_);
         done += page_;
       }
     }
     return done;
   }
-  void unprotect() { mprotect(map_ + page_, span_, PROT_READ | PROT_WRITE); }
+  void unprotect() {
+    mprotect(map_ + page_, span_, PROT_READ | PROT_WRITE);
+    emu::forget_unreadable(map_ + page_, span_);
+  }
 
  private:
   size_t page_ = 4096, bytes_ = 0, span_ = 0, map_bytes_ = 0;

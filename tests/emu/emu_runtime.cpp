@@ -41,6 +41,7 @@ DeviceProps& device() {
   return d;
 }
 
+const char* g_block_kernel_name();
 namespace {
 Schedule g_schedule;
 cudaError_t g_last_error = cudaSuccess;
@@ -62,6 +63,65 @@ void fatal(const char* fmt, ...) {
   fflush(stderr);
   fflush(stdout);
   _exit(3);
+}
+
+// ---- unreadable pages and the SIGSEGV handler ----
+namespace {
+struct Span {
+  uintptr_t begin, end;
+};
+std::vector<Span> g_unreadable;
+
+void on_segv(int, siginfo_t* info, void*) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
+  const char* what = "an address outside every unreadable page (a wild access)";
+  for (const Span& s : g_unreadable) {
+    if (a >= s.begin && a < s.end) {
+      what = "a page the driver made unreadable (data of inactive modules, or every page when "
+             "found_inf is set): the kernel read memory it must skip";
+      break;
+    }
+  }
+  char msg[400];
+  const int len = snprintf(msg, sizeof msg, "emu: FATAL: SIGSEGV at %p in %s block (%u,%u,%u) thread (%u,%u,%u): %s\n",
+                           info->si_addr, g_block_kernel_name(), g_block_idx.x, g_block_idx.y,
+                           g_block_idx.z, g_thread_idx.x, g_thread_idx.y, g_thread_idx.z, what);
+  if (write(2, msg, len) < 0) {
+  }
+#if EMU_ASAN
+  __sanitizer_print_stack_trace();
+#endif
+  _exit(3);
+}
+
+struct SegvHandler {
+  SegvHandler() {
+    static char alt[1 << 16];
+    stack_t ss{};
+    ss.ss_sp = alt;
+    ss.ss_size = sizeof alt;
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+  }
+} g_segv_handler;
+}  // namespace
+
+void note_unreadable(const void* begin, size_t bytes) {
+  const uintptr_t b = reinterpret_cast<uintptr_t>(begin);
+  g_unreadable.push_back({b, b + bytes});
+}
+void forget_unreadable(const void* begin, size_t bytes) {
+  const uintptr_t b = reinterpret_cast<uintptr_t>(begin), e = b + bytes;
+  size_t k = 0;
+  for (const Span& s : g_unreadable) {
+    if (s.begin >= b && s.end <= e) continue;
+    g_unreadable[k++] = s;
+  }
+  g_unreadable.resize(k);
 }
 
 cudaError_t take_last_error() {
@@ -172,6 +232,9 @@ struct Block {
 };
 
 Block g_block;
+}  // namespace
+const char* g_block_kernel_name() { return g_block.current >= 0 ? g_block.kernel : "(host code)"; }
+namespace {
 
 void push_ready(int t) {
   g_block.fibers[t].state = State::kReady;
