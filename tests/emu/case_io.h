@@ -143,7 +143,9 @@ class Writer {
       off += e.bytes.size();
     }
     fprintf(f, "end\n");
-    for (auto& e : entries_) fwrite(e.bytes.data(), 1, e.bytes.size(), f);
+    for (auto& e : entries_) {
+      if (!e.bytes.empty()) fwrite(e.bytes.data(), 1, e.bytes.size(), f);
+    }
     fclose(f);
   }
 

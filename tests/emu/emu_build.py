@@ -164,7 +164,7 @@ def source_hash(sanitize: bool) -> str:
     for base in (CSRC, HERE):
         for d, _, fs in sorted(os.walk(base)):
             for f in sorted(fs):
-                if f.endswith((".cu", ".cuh", ".h", ".cpp", ".py")):
+                if f.endswith((".cu", ".cuh", ".h", ".cpp")) or f == "emu_build.py":
                     p = os.path.join(d, f)
                     h.update(p.encode())
                     with open(p, "rb") as fh:
