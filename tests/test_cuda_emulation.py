@@ -242,7 +242,8 @@ def test_sgd_more_than_320_chunks_bf16(driver, tmp_path):
     22M elements)."""
     gen = torch.Generator().manual_seed(13)
     c = OptimCase(80, gen)
-    c.rows((19260, 1024), 642, dtype=torch.bfloat16, modules=[i % 2 and 70 or 71 for i in range(30)])
+    # one row group in 5 active (a group spans ~10 chunks, not chunk-aligned)
+    c.rows((19260, 1024), 642, dtype=torch.bfloat16, modules=[70 if i % 5 == 0 else 71 for i in range(30)])
     c.rows((2560, 1024), 64, dtype=torch.bfloat16, modules=[72 + (i % 3 == 0) for i in range(40)])
     for k in range(26):
         c.whole((5 + k,), dtype=torch.bfloat16, module=k % 70)
@@ -333,6 +334,17 @@ def test_hadamard_block_sum_rectangular_float(driver, tmp_path, T):
     exact = prod.sum((-1, -2))
     scale = prod.abs().sum((-1, -2))
     assert ((got - exact).abs() <= 1e-5 * scale).all(), (got - exact).abs().max()
+
+
+@pytest.mark.parametrize("T, G, rI, rJ", [(16, 1 << 16, 1 << 8, 1 << 8), (8, 1 << 20, 1 << 12, 1 << 12)])
+def test_hadamard_grid_limit_refused(driver, tmp_path, T, G, rI, rJ):
+    """More outputs than a grid holds (gridDim.x <= 2^31 - 1): the launcher returns
+    cudaErrorInvalidConfiguration before launching (no memory is touched: the arrays are tiny)."""
+    case = str(tmp_path / "case.bin")
+    case_io.write_case(case, {"op": "hadamard", "T": T, "G": G, "rI": rI, "rJ": rJ, "ld": 1,
+                              "r_batch": 1}, {"S": torch.zeros(1), "R": torch.zeros(1)})
+    r = case_io.run_driver(driver, "gram", case, str(tmp_path / "o.bin"))
+    assert r.returncode == 4 and "cudaErrorInvalidConfiguration" in r.stderr, r.describe()
 
 
 def test_scatter_tile_matches_cpu_kernel(driver, tmp_path):

@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-CSRC = os.path.join(ROOT, "csrc")
+# MAT_EMU_CSRC: run the harness on another csrc/ tree (e.g. a deliberately broken copy).
+CSRC = os.environ.get("MAT_EMU_CSRC") or os.path.join(ROOT, "csrc")
 DRIVER_SOURCES = ["emu_runtime.cpp", "driver.cpp", "drive_optim.cpp", "drive_gram.cpp",
                   "drive_lanczos.cpp", "drive_misc.cpp"]
 SELFTEST_KERNELS = os.path.join(HERE, "selftest_kernels.cu")
