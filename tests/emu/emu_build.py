@@ -215,6 +215,10 @@ def build(out_dir: str | None = None, sanitize: bool = True, jobs: int = 2,
     exe = os.path.join(build_dir, "emu_driver")
     if os.path.exists(exe):
         return exe
+    if os.path.isdir(out_dir):  # drivers of older sources
+        for old in os.listdir(out_dir):
+            if re.fullmatch(r"[0-9a-f]{16}", old) and old != os.path.basename(build_dir):
+                shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
     os.makedirs(build_dir, exist_ok=True)
     prepare_tree(build_dir)
     flags = CXXFLAGS + (SANITIZE if sanitize else [])
