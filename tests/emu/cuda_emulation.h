@@ -183,8 +183,7 @@ struct Launcher {
     run_grid(
         [](void* c) {
           Ctx* x = static_cast<Ctx*>(c);
-          std::tuple<std::decay_t<P>...> copy = x->args;  // by-value parameters, per thread
-          std::apply(x->fn, copy);
+          std::apply(x->fn, x->args);  // the kernel's by-value parameters: a copy per thread
         },
         &ctx);
   }
@@ -438,6 +437,22 @@ inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 
 // ---- runtime API functions ----
+struct cudaDeviceProp {
+  char name[256];
+  size_t totalGlobalMem;
+  size_t sharedMemPerBlock;
+  size_t sharedMemPerBlockOptin;
+  size_t sharedMemPerMultiprocessor;
+  int warpSize;
+  int maxThreadsPerBlock;
+  int maxThreadsDim[3];
+  int maxGridSize[3];
+  int multiProcessorCount;
+  int major, minor;
+};
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
+cudaError_t cudaRuntimeGetVersion(int* version);
+cudaError_t cudaDriverGetVersion(int* version);
 inline cudaError_t cudaGetLastError() { return ::emu::take_last_error(); }
 inline cudaError_t cudaPeekAtLastError() { return ::emu::peek_last_error(); }
 const char* cudaGetErrorString(cudaError_t e);

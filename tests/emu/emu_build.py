@@ -160,8 +160,8 @@ def cu_files(csrc: str = CSRC) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(csrc) for f in fs if f.endswith(".cu")]
 
 
-def source_hash(sanitize: bool) -> str:
-    h = hashlib.sha256(("sanitize=%s" % sanitize).encode())
+def source_hash(sanitize: bool, cudart_version: int | None = None) -> str:
+    h = hashlib.sha256(("sanitize=%s cudart=%s" % (sanitize, cudart_version)).encode())
     for base in (CSRC, HERE):
         for d, _, fs in sorted(os.walk(base)):
             for f in sorted(fs):
@@ -205,13 +205,14 @@ def prepare_tree(build: str) -> dict:
 
 
 def build(out_dir: str | None = None, sanitize: bool = True, jobs: int = 2,
-          cxx: str | None = None) -> str:
-    """Builds (or reuses) the driver; returns its path."""
+          cxx: str | None = None, cudart_version: int | None = None) -> str:
+    """Builds (or reuses) the driver; returns its path. cudart_version: the CUDART_VERSION the
+    sources see (default 13000, the toolkit on PATH; 12000 emulates the 4 KB parameter limit)."""
     cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
     out_dir = out_dir or os.path.join(ROOT, "build", "emu")
-    build_dir = os.path.join(out_dir, source_hash(sanitize))
+    build_dir = os.path.join(out_dir, source_hash(sanitize, cudart_version))
     exe = os.path.join(build_dir, "emu_driver")
     if os.path.exists(exe):
         return exe
@@ -222,6 +223,8 @@ def build(out_dir: str | None = None, sanitize: bool = True, jobs: int = 2,
     os.makedirs(build_dir, exist_ok=True)
     prepare_tree(build_dir)
     flags = CXXFLAGS + (SANITIZE if sanitize else [])
+    if cudart_version is not None:
+        flags = flags + ["-DCUDART_VERSION=%d" % cudart_version]
     incs = ["-I", HERE, "-I", os.path.join(HERE, "include"), "-I", os.path.join(build_dir, "csrc")]
     units = []
     for path in cu_files(os.path.join(build_dir, "csrc")) + [os.path.join(build_dir, "selftest_kernels.cu")]:
@@ -253,8 +256,10 @@ def main():
     ap.add_argument("--out", default=None, help="build folder (default build/emu)")
     ap.add_argument("--no-sanitize", action="store_true", help="build without ASan/UBSan")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--cudart-version", type=int, default=None,
+                    help="CUDART_VERSION the sources see (default 13000; 12000: 4 KB parameters)")
     a = ap.parse_args()
-    print(build(a.out, sanitize=not a.no_sanitize, jobs=a.jobs))
+    print(build(a.out, sanitize=not a.no_sanitize, jobs=a.jobs, cudart_version=a.cudart_version))
 
 
 if __name__ == "__main__":

@@ -745,6 +745,34 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   }
   return cudaSuccess;
 }
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  const emu::DeviceProps& d = emu::device();
+  memset(prop, 0, sizeof *prop);
+  snprintf(prop->name, sizeof prop->name, "emulated sm_%d%d", d.major, d.minor);
+  prop->totalGlobalMem = size_t(80) << 30;
+  prop->sharedMemPerBlock = static_cast<size_t>(d.smem_per_block);
+  prop->sharedMemPerBlockOptin = static_cast<size_t>(d.max_smem_optin);
+  prop->sharedMemPerMultiprocessor = static_cast<size_t>(d.smem_per_sm);
+  prop->warpSize = 32;
+  prop->maxThreadsPerBlock = d.max_threads_per_block;
+  for (int i = 0; i < 3; ++i) {
+    prop->maxThreadsDim[i] = d.max_block_dim[i];
+    prop->maxGridSize[i] = static_cast<int>(d.max_grid_dim[i]);
+  }
+  prop->multiProcessorCount = d.sm_count;
+  prop->major = d.major;
+  prop->minor = d.minor;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = CUDART_VERSION;
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* version) {
+  *version = CUDART_VERSION;
+  return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
