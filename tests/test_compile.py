@@ -78,6 +78,7 @@ def test_compiled_training_matches_eager_one_graph_per_mask(backward):
     assert distinct == 4  # all-active and 3 partial masks; MASKS[4] repeats MASKS[0]
     assert cnt.frame_count == distinct, (
         f"{cnt.frame_count} graphs compiled for {distinct} distinct masks")
+    assert counters["stats"]["unique_graphs"] == distinct
     assert len(forward.masks_seen) == distinct
     assert not counters["graph_break"], dict(counters["graph_break"])
     mat.close()
@@ -99,9 +100,9 @@ def test_explain_finds_no_graph_break_under_a_partial_mask(backward):
     explanation = torch._dynamo.explain(step)(x, y)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-    # The masked layers are in the graph: the custom autograd Functions were traced.
-    ops = {str(n.target) for g in explanation.graphs for n in g.graph.nodes}
-    assert any("linear" in o or "addmm" in o or "mm" in o for o in ops)
+    # The masked layers' autograd Functions are in the graph (traced, not run around it).
+    targets = {str(n.target) for g in explanation.graphs for n in g.graph.nodes}
+    assert "autograd_function_apply" in targets, sorted(targets)
     mat.close()
 
 
