@@ -103,6 +103,12 @@ def test_every_declared_op_has_samples():
         assert hasattr(ops, name), f"mat_cuda::{name} is declared in ops.cpp but not registered"
 
 
+HAS_CUDA = torch.cuda.is_available() and mat_cuda.build_info()["cuda"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA device and a CUDA build of mat_cuda"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", declared_ops())
 def test_opcheck(device, name):
     op = getattr(ops, name).default
