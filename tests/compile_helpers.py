@@ -1,4 +1,4 @@
-"""Shared by tests/test_compile.py and examples/compile_train.py's test: a tiny MAT run whose
+"""Shared by tests/test_compile.py: a tiny MAT run whose
 masks follow a script, so that mask changes (and repeats) fall on known probe steps."""
 from __future__ import annotations
 
