@@ -62,9 +62,10 @@ Styles (the AttentionSpec ``style`` of module discovery):
     ``_attn_implementation`` is :data:`ROUTE_NAME`, a name registered in transformers'
     ``AttentionInterface`` while a converted block routes (from conversion to ``restore()``;
     the forward itself touches no global, so torch.compile traces it whole); the routed
-    function puts the real config back before anything else. Blocks whose code does not make that call (transformers
-    4.x) warn at conversion and still run the frozen heads' attention backward (on zero
-    gradients). The dropout draws differ in order from the unconverted block;
+    function puts the real config back before anything else. Blocks whose code does not
+    make that call (transformers 4.x) warn at conversion and still run the frozen heads'
+    attention backward (on zero gradients). The dropout draws differ in order from the
+    unconverted block;
   * ``exact``: HF's attention call runs unchanged on every head; dX is the unconverted model's.
 
 Other styles (``separate_linear``, ``packed_linear``: attention blocks of unknown code) are not
@@ -406,6 +407,7 @@ class _HFProjections(ConvertedAttention):
         if core is not None:
             _route_acquire()
             self._route = weakref.finalize(self, _route_release)
+            self._route.atexit = False  # nothing to undo in an interpreter that is exiting
 
     @staticmethod
     def _check_out_projection(o: nn.Module, width: int) -> None:
