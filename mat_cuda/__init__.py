@@ -6,6 +6,7 @@ from ._ops import build_info
 from . import linalg
 from .discovery import AttentionSpec, Discovery, FFNSpec, discover, resolve_modules
 from .gram import embedding_gram_, linear_gram_, sample_gram_
+from .compile import CompiledModel, compile_model
 from .linalg import lambda_max
 from .mat import MAT
 from .mntk import MNTKProbe
@@ -22,7 +23,7 @@ __all__ = [
     "MaskedAdamW", "MaskedSGD", "ModuleMap", "linalg", "lambda_max",
     "linear_gram_", "embedding_gram_", "sample_gram_", "MNTKProbe",
     # MAT and its building blocks
-    "MAT",
+    "MAT", "CompiledModel", "compile_model",
     "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
     "AttentionSpec", "Discovery", "FFNSpec", "discover", "resolve_modules", "Skipper",
 ]

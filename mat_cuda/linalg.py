@@ -131,3 +131,13 @@ def _lanczos_lambda_max_fake(K, iters, tol, v0, topk, seed):
     M, n = K.shape[0], K.shape[1]
     return (K.new_empty((M, topk)), K.new_empty((M, n)), K.new_empty((M,), dtype=torch.int32),
             K.new_empty((M,)))
+
+
+def _lanczos_lambda_max_backward(ctx, *grads):
+    # Without an autograd kernel a K that requires grad would get a silent zero gradient
+    # (torch's autograd-not-implemented fallback only warns); fail loudly instead.
+    raise RuntimeError("mat_cuda: lanczos_lambda_max (lambda_max) is not differentiable; pass "
+                       "K.detach() (MAT's probe never differentiates λ)")
+
+
+torch.library.register_autograd("mat_cuda::lanczos_lambda_max", _lanczos_lambda_max_backward)

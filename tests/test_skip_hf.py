@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from mat_cuda.discovery import discover  # noqa: E402
 from mat_cuda.nn import Skipper, convert_attention  # noqa: E402
+from mat_cuda.nn import attention as attention_module  # noqa: E402
 from mat_cuda.nn.attention import ROUTE_NAME  # noqa: E402
 
 from helpers import assert_close_rel  # noqa: E402
@@ -423,12 +424,13 @@ def test_routing_is_per_block_and_restore_undoes_it(arch, monkeypatch):
     holders = [m for net in (model, other) for m in net.modules() if "config" in vars(m)]
     assert all(m.config is config for m in holders) and len(holders) > 2
     found = discover(model)
+    routing_before = attention_module._routing_blocks
     sk = Skipper.from_discovery(found, mode="detach")
     sk.set_mask(_mask(found, {0: [1, 2]}))  # layer 1: every head active
     x = _input(arch)
     y = _run(arch, model, x)
     assert calls == [(2, True, True), (2, False, False), (HEADS, True, True)]
-    assert ROUTE_NAME not in transformers.AttentionInterface._global_mapping  # only during a forward
+    assert ROUTE_NAME in transformers.AttentionInterface._global_mapping  # until restore()
     assert all(m.config is config for m in holders) and config._attn_implementation == "eager"
     calls.clear()
     # float64 both sides, same math in other GEMMs: REL_TOL[float64] (helpers.py)
@@ -443,10 +445,12 @@ def test_routing_is_per_block_and_restore_undoes_it(arch, monkeypatch):
     with pytest.raises(RuntimeError, match="attention failed"):
         _run(arch, model, x)
     assert all(m.config is config for m in holders)
-    assert ROUTE_NAME not in transformers.AttentionInterface._global_mapping
     monkeypatch.undo()
     sk.restore()
-    assert ROUTE_NAME not in transformers.AttentionInterface._global_mapping
+    # The route stays registered while converted blocks of other (unrestored) models exist.
+    assert (ROUTE_NAME in transformers.AttentionInterface._global_mapping) == (
+        attention_module._routing_blocks > 0)
+    assert attention_module._routing_blocks == routing_before
     assert all("forward" not in vars(m) for m in model.modules())
     calls.clear()
     _spy_attention(monkeypatch, arch, "eager", calls)

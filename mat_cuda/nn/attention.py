@@ -60,10 +60,12 @@ Styles (the AttentionSpec ``style`` of module discovery):
     only, the config of the module making the call (shared by every layer and maybe other
     models, so never changed) is replaced on that one module by a stand-in whose
     ``_attn_implementation`` is :data:`ROUTE_NAME`, a name registered in transformers'
-    ``AttentionInterface`` only while such a forward runs; the routed function puts the real
-    config back before anything else. Blocks whose code does not make that call (transformers
-    4.x) warn at conversion and still run the frozen heads' attention backward (on zero
-    gradients). The dropout draws differ in order from the unconverted block;
+    ``AttentionInterface`` while a converted block routes (from conversion to ``restore()``;
+    the forward itself touches no global, so torch.compile traces it whole); the routed
+    function puts the real config back before anything else. Blocks whose code does not
+    make that call (transformers 4.x) warn at conversion and still run the frozen heads'
+    attention backward (on zero gradients). The dropout draws differ in order from the
+    unconverted block;
   * ``exact``: HF's attention call runs unchanged on every head; dX is the unconverted model's.
 
 Other styles (``separate_linear``, ``packed_linear``: attention blocks of unknown code) are not
@@ -71,12 +73,12 @@ converted: a clear error (or left as they are with ``Skipper(strict=False)``).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -400,6 +402,12 @@ class _HFProjections(ConvertedAttention):
             m.forward = functools.partial(self._in_forward, m, packed)
         o.forward = self._out_forward
         self.core = core  # None: the attention call is not split (exact mode, or no HF interface)
+        # Released by restore(), or when the converted model is garbage-collected unrestored.
+        self._route = None
+        if core is not None:
+            _route_acquire()
+            self._route = weakref.finalize(self, _route_release)
+            self._route.atexit = False  # nothing to undo in an interpreter that is exiting
 
     @staticmethod
     def _check_out_projection(o: nn.Module, width: int) -> None:
@@ -417,17 +425,18 @@ class _HFProjections(ConvertedAttention):
         # this one module, for this one forward, by a stand-in that names the route.
         config = self.core.config
         route = _HeadSplitRoute(config, self, _attention_function(self.core, config))
-        with _route_registered():
-            self.core.config = route
-            try:
-                return self.original_forward(*args, **kwargs)
-            finally:
-                self.core.config = config
+        self.core.config = route
+        try:
+            return self.original_forward(*args, **kwargs)
+        finally:
+            self.core.config = config
 
     def restore(self) -> None:
         for m, _ in self.inputs:
             vars(m).pop("forward", None)
         vars(self.o).pop("forward", None)
+        if self._route is not None:
+            self._route()  # a finalize object: releases once
         self.core = None
         super().restore()
 
@@ -488,28 +497,33 @@ class _HFProjections(ConvertedAttention):
 
 
 # ---- routing HF's attention call of one converted block to _HFProjections._split_heads ----
-ROUTE_NAME = "mat_cuda_head_split"  # in transformers' AttentionInterface while a routed forward runs
+ROUTE_NAME = "mat_cuda_head_split"  # in transformers' AttentionInterface while a routing block exists
 _route_lock = threading.Lock()
-_routes_running = 0  # routed forwards running (threads: e.g. DataParallel replicas)
+_routing_blocks = 0  # converted blocks whose attention call is routed (detach mode, HF styles)
 
 
-@contextlib.contextmanager
-def _route_registered():
-    """ROUTE_NAME is registered (HF checks the name a config gives) only while some converted
-    block's forward runs, so nothing is left in transformers between forwards."""
-    global _routes_running
+def _route_acquire() -> None:
+    """Register ROUTE_NAME (HF checks the name a config gives) for one more routing block.
+
+    Registered from a block's conversion to its restore(), not per forward: the forward then
+    holds no lock and touches no global, so torch.compile traces it without a graph break.
+    Selected by a config other than a routed forward's stand-in, the route raises."""
+    global _routing_blocks
     from transformers import AttentionInterface  # only HF blocks get here
     with _route_lock:
-        if _routes_running == 0:
+        if _routing_blocks == 0:
             AttentionInterface.register(ROUTE_NAME, _head_split_attention)
-        _routes_running += 1
-    try:
-        yield
-    finally:
-        with _route_lock:
-            _routes_running -= 1
-            if _routes_running == 0:  # no public unregister: the class-wide mapping it wrote to
-                AttentionInterface._global_mapping.pop(ROUTE_NAME, None)
+        _routing_blocks += 1
+
+
+def _route_release() -> None:
+    """One routing block fewer; the last one removes ROUTE_NAME from transformers."""
+    global _routing_blocks
+    from transformers import AttentionInterface
+    with _route_lock:
+        _routing_blocks -= 1
+        if _routing_blocks == 0:  # no public unregister: the class-wide mapping it wrote to
+            AttentionInterface._global_mapping.pop(ROUTE_NAME, None)
 
 
 def _attention_core(block: nn.Module, proj: nn.Module) -> Optional[nn.Module]:

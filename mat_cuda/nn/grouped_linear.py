@@ -63,22 +63,31 @@ class _GroupedLinear(torch.autograd.Function):
     """y = x Wᵀ + b, exactly F.linear's forward; subclasses give the grouped backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, grad_idx, dx_idx):
+    def forward(ctx, x, weight, bias, grad_idx, dx_idx, dx_is_grad_idx=False):
         # x (..., d_in), weight (d_out, d_in), bias (d_out,) | None; grad_idx int64: the weight
         # rows (row groups) or columns (column groups) whose gradient is computed; dx_idx int64
-        # (the rows/columns dX flows through) or None for exact dX.
+        # (the rows/columns dX flows through) or None for exact dX; dx_is_grad_idx: dX flows
+        # through grad_idx (passed once: torch.compile cannot trace a Function given the same
+        # tensor twice).
         xc, wc, bc = _autocast_inputs(x, weight, bias)
         ctx.save_for_backward(xc, wc, grad_idx, dx_idx)
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
-        ctx.dx_exact = dx_idx is None
+        ctx.dx_is_grad_idx = dx_is_grad_idx
+        ctx.dx_exact = dx_idx is None and not dx_is_grad_idx
         return F.linear(xc, wc, bc)
+
+    @staticmethod
+    def saved(ctx):
+        """(x, w, grad_idx, dx_idx) as saved by forward."""
+        x, w, grad_idx, dx_idx = ctx.saved_tensors
+        return x, w, grad_idx, (grad_idx if ctx.dx_is_grad_idx else dx_idx)
 
 
 class _RowGroupedLinear(_GroupedLinear):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, w, grad_rows, dx_rows = ctx.saved_tensors
+        x, w, grad_rows, dx_rows = _GroupedLinear.saved(ctx)
         d_out, d_in = w.shape
         x2 = x.reshape(-1, d_in)       # (N, d_in)
         dy2 = dy.reshape(-1, d_out)    # (N, d_out)
@@ -101,7 +110,7 @@ class _RowGroupedLinear(_GroupedLinear):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db_a = dy_a.sum(0).to(ctx.w_dtype)
                 db = db_a if full else db_a.new_zeros(d_out).index_copy_(0, grad_rows, db_a)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class _ColGroupedLinear(_GroupedLinear):
@@ -109,7 +118,7 @@ class _ColGroupedLinear(_GroupedLinear):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, w, grad_cols, dx_cols = ctx.saved_tensors
+        x, w, grad_cols, dx_cols = _GroupedLinear.saved(ctx)
         d_out, d_in = w.shape
         x2 = x.reshape(-1, d_in)       # (N, d_in)
         dy2 = dy.reshape(-1, d_out)    # (N, d_out)
@@ -131,7 +140,7 @@ class _ColGroupedLinear(_GroupedLinear):
                 dw = dw_a.new_zeros((d_out, d_in)).index_copy_(1, grad_cols, dw_a)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.w_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class _ActiveRowsLinear(torch.autograd.Function):
@@ -234,6 +243,8 @@ def row_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     x (..., d_in) float, weight (d_out, d_in), bias (d_out,) or None, grad_rows int64 (r,)
     distinct row indices, dx_rows int64 (r',) or None (exact dX). Returns (..., d_out).
     """
+    if dx_rows is grad_rows:
+        return _RowGroupedLinear.apply(x, weight, bias, grad_rows, None, True)
     return _RowGroupedLinear.apply(x, weight, bias, grad_rows, dx_rows)
 
 
@@ -244,4 +255,6 @@ def col_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     x (..., d_in) float, weight (d_out, d_in), bias (d_out,) or None, grad_cols int64 (c,)
     distinct column indices, dx_cols int64 (c',) or None (exact dX). Returns (..., d_out).
     """
+    if dx_cols is grad_cols:
+        return _ColGroupedLinear.apply(x, weight, bias, grad_cols, None, True)
     return _ColGroupedLinear.apply(x, weight, bias, grad_cols, dx_cols)
