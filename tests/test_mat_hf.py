@@ -3,7 +3,7 @@
 HF attention blocks are converted by the Skipper (frozen heads' dW and, in detach mode, dX
 through their projections are skipped; see docs/discovery.md); FFN blocks are skipped by
 requires_grad.
-Skipped without transformers.
+Skipped without transformers. Runs on every available device (conftest.py: CUDA when present).
 """
 import pytest
 import torch
@@ -29,11 +29,11 @@ def _gpt2():
 
 
 @pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
-def test_hf_model_trains_with_mat(make):
+def test_hf_model_trains_with_mat(make, device):
     torch.manual_seed(0)
-    model = make()
+    model = make().to(device)
     model.train()
-    ids = torch.randint(0, VOCAB, (N, T))
+    ids = torch.randint(0, VOCAB, (N, T)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # Build the policy on the map MAT discovers (heads and FFN blocks).
     from mat_cuda import discover
