@@ -299,7 +299,7 @@ def test_embedding_and_sample_gram_bad_inputs(device):
     with pytest.raises(ValueError, match="algorithm must be one of"):
         gram.embedding_gram_(K, idx, B, 0, algorithm="dense")
     with pytest.raises(RuntimeError, match="algorithm must be 0"):
-        torch.ops.mat_cuda.embedding_gram_(K, idx, B, 0, None, 1.0, 3, 1 << 20)
+        torch.ops.mat_cuda.embedding_gram_(K, idx, B, 0, None, 1.0, 4, 1 << 20)
     with pytest.raises(RuntimeError, match="must divide"):
         gram.sample_gram_(K, _rand(n, 7, device=device), torch.tensor([0, 1], device=device),
                           group_size=2)
