@@ -42,8 +42,8 @@ def optim_cases():
         mm.assign_row_groups(params[0], 2, [ids[0], ids[1], -1, ids[2]])   # vector path
         mm.assign_col_groups(params[1], 3, [ids[1], ids[2]])               # scalar path (span 3)
         mm.assign_whole(params[2], ids[0])
-        layout, groups_cpu = mm.kernel_tables(params, "cpu")
-        _, groups_gpu = mm.kernel_tables([p.cuda() for p in params], "cuda")
+        layout, groups_cpu = mm.kernel_tables(params, "cpu")  # the map knows `params` by identity
+        groups_gpu = groups_cpu.cuda()
         grads = [torch.randn_like(p) for p in params]
         steps = torch.tensor([0, 2, 1, 5])
         mask = torch.tensor([True, False, True])

@@ -135,3 +135,34 @@ def test_cuda_gram_follows_torch_float32_matmul_precision():
         assert errs["high"] > 2 * errs["highest"], errs  # TF32 tensor cores were used
     assert errs["high"] < 5e-3, errs
 
+
+
+def test_cuda_step_spanning_launches_matches_cpu():
+    # Past one launch's 192 tensors and 1024 blocks (CUDA >= 12.1): a 1100-chunk tensor in row
+    # groups (cut between launches) and 230 small tensors in every layout, against the CPU kernel
+    # on the same inputs (nvcc contracts to FMA: rounding-level differences).
+    from mat_cuda.modules import ModuleMap
+    mm = ModuleMap()
+    ids = [mm.add_module(f"m{i}") for i in range(4)]
+    big = torch.randn(1100 * 64, 1024)
+    params = [big] + [torch.randn(3 + i % 4, 8) for i in range(230)]
+    mm.assign_row_groups(big, 64 * 25, [ids[j % 4] for j in range(44)])
+    for i, p in enumerate(params[1:]):
+        if i % 3 == 0:
+            mm.assign_col_groups(p, 2, [ids[(i + j) % 4] for j in range(4)])
+        elif i % 3 == 1:
+            mm.assign_whole(p, ids[i % 4])
+    grads = [torch.randn_like(p) for p in params]
+    layout, groups_cpu = mm.kernel_tables(params, "cpu")  # the map knows `params` by identity
+    mask = torch.tensor([True, False, True, True])
+    steps = torch.tensor([0, 3, 1, 2, 4])
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        p = [t.clone().to(dev) for t in params]
+        m = [torch.zeros(t.shape, device=dev) for t in params]
+        v = [torch.zeros(t.shape, device=dev) for t in params]
+        ops.masked_adamw_step_(p, [g.to(dev) for g in grads], m, v, steps.to(dev), mask.to(dev),
+                               layout, groups_cpu.to(dev), 1e-2, 0.9, 0.999, 0.01, 1e-8, False, None, None)
+        outs[dev] = [t.cpu() for t in p]
+    for i, (a, b) in enumerate(zip(outs["cuda"], outs["cpu"])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"tensor {i}")

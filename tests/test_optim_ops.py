@@ -239,9 +239,11 @@ def test_more_tensors_than_one_launch_holds(device):
 
 
 def test_many_large_tensors_mixed_dtypes(device):
-    # More tensors than one CUDA launch holds (24) and more 64K-element chunks than its blocks
-    # (320), so tensors are cut between launches; fp32 and bf16 in one list (one launch series
-    # per dtype); column groups of odd width (the kernel's one-element path) among them.
+    # More tensors than one CUDA launch holds with 4 KB kernel parameters (16) and more 64K-element
+    # chunks than its blocks (320), so tensors are cut between launches there; fp32 and bf16 in
+    # one list (one launch series per dtype); column groups of odd width (the kernel's
+    # one-element path) among them. (CUDA >= 12.1 launches hold 192 tensors and 1024 blocks:
+    # test_cuda_paths.py::test_cuda_step_spanning_launches_matches_cpu goes past those.)
     shapes = [(1100, 700)] * 28 + [(7 * 18725,), (5, 65536 + 1)]
     params = [torch.randn(s, device=device).to(torch.bfloat16 if i % 7 == 3 else torch.float32)
               for i, s in enumerate(shapes)]
