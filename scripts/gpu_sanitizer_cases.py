@@ -9,7 +9,8 @@ Kernels covered: masked_step_kernel (fp32, bf16, fp16; vector and scalar paths; 
 whole layouts; a step spanning two launches), adam_coeffs_kernel, module_steps_kernel,
 lanczos_kernel (float and double; base-shared and global placements, forced with
 MAT_CUDA_LANCZOS_SMEM_LIMIT), hadamard_block_sum_per_block / _per_thread and
-scatter_tile_kernel (linear_gram_ ghost with T >= 16 and T < 16, explicit, sample_gram_,
+scatter_tile_kernel (linear_gram_ ghost with T = 300 (the per-block kernel's 8-accumulator
+loop), T = 20 and T < 16, explicit, sample_gram_,
 embedding_gram_ sync-free).
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ def lanczos_cases():
 
 def gram_cases():
     ok = True
-    for T, algo in ((20, "ghost"), (4, "ghost"), (6, "explicit")):
+    for T, algo in ((300, "ghost"), (20, "ghost"), (4, "ghost"), (6, "explicit")):
         A, B = torch.randn(5, T, 12), torch.randn(5, T, 8)
         gm = torch.tensor([0, 1])
         Ks = {}

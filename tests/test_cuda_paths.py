@@ -166,3 +166,17 @@ def test_cuda_step_spanning_launches_matches_cpu():
         outs[dev] = [t.cpu() for t in p]
     for i, (a, b) in enumerate(zip(outs["cuda"], outs["cpu"])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"tensor {i}")
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 37, 225, 300])
+def test_cuda_ghost_gram_every_block_path_matches_cpu(T):
+    # T < 16: one thread per output; T >= 16: a block per output, whose 8-accumulator loop
+    # (gram_tile.h) only starts at T >= 225 (8 steps of its 32-wide column stride).
+    A, B = torch.randn(3, T, 6), torch.randn(3, T, 4)
+    gm = torch.tensor([0, 1])
+    Ks = {}
+    for dev in ("cpu", "cuda"):
+        K = torch.zeros(2, 3, 3, device=dev)
+        gram.linear_gram_(K, A.to(dev), B.to(dev), gm.to(dev), group_size=2, algorithm="ghost")
+        Ks[dev] = K.cpu()
+    torch.testing.assert_close(Ks["cuda"], Ks["cpu"], rtol=1e-5, atol=1e-4)
