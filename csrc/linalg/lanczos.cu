@@ -110,15 +110,25 @@ cudaError_t launch(const S* K, const S* v0, int64_t M, const LanczosOptions& opt
   if (M == 0) return cudaSuccess;
   if (M > 2147483647LL) return cudaErrorInvalidConfiguration;
   if (plan.global_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
-  const bool base_shared = lanczos_base_shared(plan);
-  auto kernel = base_shared ? lanczos_kernel<S, true> : lanczos_kernel<S, false>;
-  if (plan.smem_bytes > 48 * 1024) {
-    MAT_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(kernel,
-                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  static_cast<int>(plan.smem_bytes)));
+  // Two instantiations (lanczos_plan.h, lanczos_base_shared): each launched by name.
+  const unsigned grid = static_cast<unsigned>(M);
+  if (lanczos_base_shared(plan)) {
+    if (plan.smem_bytes > 48 * 1024) {
+      MAT_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(lanczos_kernel<S, true>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(plan.smem_bytes)));
+    }
+    lanczos_kernel<S, true><<<grid, plan.block, plan.smem_bytes, stream>>>(
+        K, v0, opt, plan, workspace, lambdas, vectors, iterations, residuals);
+  } else {
+    if (plan.smem_bytes > 48 * 1024) {
+      MAT_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(lanczos_kernel<S, false>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(plan.smem_bytes)));
+    }
+    lanczos_kernel<S, false><<<grid, plan.block, plan.smem_bytes, stream>>>(
+        K, v0, opt, plan, workspace, lambdas, vectors, iterations, residuals);
   }
-  kernel<<<static_cast<unsigned>(M), plan.block, plan.smem_bytes, stream>>>(
-      K, v0, opt, plan, workspace, lambdas, vectors, iterations, residuals);
   MAT_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
 }
