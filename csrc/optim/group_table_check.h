@@ -26,8 +26,8 @@ namespace optim {
 inline void check_group_table_values(const int64_t* values, int64_t count, int64_t num_modules) {
   for (int64_t i = 0; i < count; ++i) {
     MAT_CHECK(values[i] >= 0 && values[i] <= num_modules, "group_table[", i, "] = ", values[i],
-              " is out of range [0, ", num_modules, "] (num_modules = ", num_modules,
-              "; the last slot is the unmanaged elements')");
+              " is out of range [0, ", num_modules, "]: module ids are 0 .. ", num_modules - 1,
+              ", and ", num_modules, " marks unmanaged elements");
   }
 }
 
