@@ -50,9 +50,10 @@ TORCH_LIBRARY(mat_cuda, m) {
   // K[module] += scale * Gram of an embedding's per-sample weight gradients; indices (n, T) int64,
   // B (n, T, d); algorithm 0 auto, 1 ghost (index equality, sync-free), 2 explicit (per-sample
   // gradients over the batch's distinct ids); auto and explicit count those ids: one host
-  // synchronisation on CUDA.
+  // synchronisation on CUDA; 3 sync-free (explicit over a static bound on the distinct ids,
+  // min(n·T, num_embeddings), or ghost, chosen by shapes). num_embeddings: 0 = unknown.
   m.def("embedding_gram_(Tensor(a!) K, Tensor indices, Tensor B, int module, int? padding_idx, "
-        "float scale, int algorithm, int workspace_bytes) -> ()");
+        "float scale, int algorithm, int workspace_bytes, int num_embeddings=0) -> ()");
   // K[group_module[g]] += scale * G_g G_gᵀ for explicit per-sample gradients G (n, p).
   m.def("sample_gram_(Tensor(a!) K, Tensor G, Tensor group_module, int group_size, float scale) -> ()");
 }

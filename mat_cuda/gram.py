@@ -24,6 +24,7 @@ from . import _ops
 __all__ = ["linear_gram_", "embedding_gram_", "sample_gram_", "gram_workspace"]
 
 _ALGORITHMS = {"auto": 0, "ghost": 1, "explicit": 2}
+_EMBEDDING_ALGORITHMS = {**_ALGORITHMS, "sync_free": 3}
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
 
@@ -105,7 +106,8 @@ def linear_gram_(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, group_module
 
 def embedding_gram_(K: torch.Tensor, indices: torch.Tensor, B: torch.Tensor, module: int, *,
                     padding_idx: int | None = None, scale: float = 1.0, algorithm: str = "auto",
-                    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> torch.Tensor:
+                    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                    num_embeddings: int | None = None) -> torch.Tensor:
     """Accumulate the Gram of an embedding's per-sample weight gradients into K[module].
 
     indices: int64 (n, T); B: (n, T, d) gradients w.r.t. the embedding's outputs.
@@ -115,19 +117,32 @@ def embedding_gram_(K: torch.Tensor, indices: torch.Tensor, B: torch.Tensor, mod
     algorithm: "ghost" (the index-equality (nT × nT) matrix ∘ the B Gram, cost ~(nT)²·d,
     sync-free, tiled over sample blocks), "explicit" (each sample's gradient scattered into
     (U, d) rows over the batch's U distinct ids, then one GEMM for the Gram, cost
-    ~nT·d + n²·U·d; finding U is one host synchronisation on CUDA) or "auto" (the cheaper by
-    that cost model; counting U is the same synchronisation). workspace_bytes bounds the
-    temporaries of either form (the explicit one is chunked over d).
+    ~nT·d + n²·U·d; finding U is one host synchronisation on CUDA), "auto" (the cheaper by
+    that cost model; counting U is the same synchronisation) or "sync_free" (no host
+    synchronisation: the explicit form over the static bound U ≤ min(nT, num_embeddings), its
+    unused id slots adding zero columns, or the ghost form when that is cheaper by the same
+    cost model with U at its bound; the default of :class:`~mat_cuda.mntk.MNTKProbe` on CUDA).
+    All forms give the same Gram up to float rounding. workspace_bytes bounds the temporaries of
+    every form (the explicit one is chunked over d).
+
+    num_embeddings: the embedding's vocabulary size V (None: unknown, U ≤ nT). With
+    "sync_free" and V ≤ nT the ids themselves index the explicit form's slots, so every index
+    must lie in [0, V) (nn.Embedding's own requirement).
     """
     name = "embedding_gram_"
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"mat_cuda: {name}: algorithm must be one of {sorted(_ALGORITHMS)}, "
-                         f"got {algorithm!r}")
+    if algorithm not in _EMBEDDING_ALGORITHMS:
+        raise ValueError(f"mat_cuda: {name}: algorithm must be one of "
+                         f"{sorted(_EMBEDDING_ALGORITHMS)}, got {algorithm!r}")
+    if num_embeddings is not None and (isinstance(num_embeddings, bool)
+                                       or int(num_embeddings) < 1):
+        raise ValueError(f"mat_cuda: {name}: num_embeddings must be None or a positive int, "
+                         f"got {num_embeddings!r}")
     for t, arg in ((K, "K"), (indices, "indices"), (B, "B")):
         _ops.check_device_supported(t, f"{name} {arg}")
     _ops.ops.embedding_gram_(K, indices, B, int(module),
                              None if padding_idx is None else int(padding_idx), float(scale),
-                             _ALGORITHMS[algorithm], int(workspace_bytes))
+                             _EMBEDDING_ALGORITHMS[algorithm], int(workspace_bytes),
+                             0 if num_embeddings is None else int(num_embeddings))
     return K
 
 
@@ -156,7 +171,8 @@ def _linear_gram_fake(K, A, B, group_module, group_dim, group_size, weight, bias
 
 
 @torch.library.register_fake("mat_cuda::embedding_gram_")
-def _embedding_gram_fake(K, indices, B, module, padding_idx, scale, algorithm, workspace_bytes):
+def _embedding_gram_fake(K, indices, B, module, padding_idx, scale, algorithm, workspace_bytes,
+                         num_embeddings=0):
     return None
 
 

@@ -296,9 +296,13 @@ class _ProbedLayer:
             B = grad_out.reshape(n, -1, grad_out.shape[-1])
             if idx.dim() > 2:
                 idx = idx.reshape(n, -1)
+            # "auto" counts the batch's distinct ids (a host synchronisation on CUDA); on CUDA
+            # the probe takes the sync-free form instead (docs/gpu.md).
+            if algorithm == "auto" and K.device.type == "cuda":
+                algorithm = "sync_free"
             _gram.embedding_gram_(K, idx.contiguous(), B.contiguous(), self.calls[0],
                                   padding_idx=self.layer.padding_idx, scale=scale,
-                                  algorithm=algorithm)
+                                  algorithm=algorithm, num_embeddings=self.layer.num_embeddings)
         else:
             gw, gb = self._norm_grads(x, grad_out)
             dev = K.device
@@ -396,6 +400,8 @@ class MNTKProbe:
             (mode ``"loss"``; :meth:`begin` can override it per batch with ``loss_weights``).
         algorithm: ``"auto"``, ``"ghost"`` or ``"explicit"``, passed to
             :func:`mat_cuda.gram.linear_gram_` and :func:`mat_cuda.gram.embedding_gram_`.
+            ``"auto"`` on CUDA takes ``"sync_free"`` for embeddings (their ``"auto"`` counts the
+            batch's distinct ids: one host synchronisation per embedding layer per probe).
         generator: optional ``torch.Generator`` for the projections of mode ``"output"``.
         probe_size: None (every sample) or p ≥ 1: K covers the first p samples of each batch.
 

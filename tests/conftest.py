@@ -16,7 +16,12 @@ from hypothesis import HealthCheck, settings
 
 import mat_cuda
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and mat_cuda.build_info()["cuda"] else [])
+CUDA_AVAILABLE = torch.cuda.is_available() and mat_cuda.build_info()["cuda"]
+# CUDA parametrisations always exist and are skipped (with the reason) where there is no GPU or
+# no CUDA build, so a CPU run shows what it did not cover; scripts/gpu_check.sh selects them
+# with `-k cuda` on a GPU machine.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA_AVAILABLE, reason="no CUDA device, or mat_cuda built without CUDA kernels"))]
 
 # ---- hypothesis profiles ----
 # deadline=None: per-example time varies with the drawn shapes and with the shared machine's load;

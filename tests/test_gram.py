@@ -179,16 +179,20 @@ def test_embedding_gram_matches_reference(device, padding_idx, T):
     assert rel_err(K, K64) <= TOL
 
 
-@pytest.mark.parametrize("algorithm", ["ghost", "explicit", "auto"])
+@pytest.mark.parametrize("algorithm, num_embeddings", [
+    ("ghost", None), ("explicit", None), ("auto", None), ("sync_free", None), ("sync_free", 5),
+    ("sync_free", 1000)])
 @pytest.mark.parametrize("n,T,d,padding_idx", [(5, 9, 7, None), (5, 9, 7, 1), (1, 6, 3, 0),
                                                (4, 1, 5, None), (1, 1, 1, None)])
-def test_embedding_gram_algorithms_match_reference(device, algorithm, n, T, d, padding_idx):
+def test_embedding_gram_algorithms_match_reference(device, algorithm, num_embeddings, n, T, d,
+                                                   padding_idx):
     # Few ids over many positions: repeats within and across samples.
     idx = torch.randint(0, 5, (n, T), device=device)
     B = _rand(n, T, d, device=device)
     K = _rand(2, n, n, device=device)
     K64 = K.double().cpu()
-    gram.embedding_gram_(K, idx, B, 0, padding_idx=padding_idx, scale=0.7, algorithm=algorithm)
+    gram.embedding_gram_(K, idx, B, 0, padding_idx=padding_idx, scale=0.7, algorithm=algorithm,
+                         num_embeddings=num_embeddings)
     ref.embedding_gram_(K64, idx.cpu(), B.cpu(), 0, padding_idx=padding_idx, scale=0.7)
     assert rel_err(K, K64) <= TOL
 
@@ -330,7 +334,7 @@ def test_embedding_and_sample_gram_bad_inputs(device):
     with pytest.raises(ValueError, match="algorithm must be one of"):
         gram.embedding_gram_(K, idx, B, 0, algorithm="dense")
     with pytest.raises(RuntimeError, match="algorithm must be 0"):
-        torch.ops.mat_cuda.embedding_gram_(K, idx, B, 0, None, 1.0, 3, 1 << 20)
+        torch.ops.mat_cuda.embedding_gram_(K, idx, B, 0, None, 1.0, 4, 1 << 20)
     with pytest.raises(RuntimeError, match="must divide"):
         gram.sample_gram_(K, _rand(n, 7, device=device), torch.tensor([0, 1], device=device),
                           group_size=2)
@@ -366,3 +370,36 @@ def test_torch_compile_fullgraph(device):
     torch.compile(probe, fullgraph=True, backend="aot_eager")(K, *args)
     probe(K_eager, *args)
     assert rel_err(K, K_eager) <= TOL
+
+
+@pytest.mark.parametrize("n, T", [(2, 40), (40, 2), (6, 6)])
+@pytest.mark.parametrize("num_embeddings", [None, 7, 50, 100000])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_gram_sync_free_matches_other_forms(device, n, T, num_embeddings, padding_idx):
+    # The sync-free form against the counting forms on the same inputs: the same Gram up to
+    # float32 rounding. (2, 40): n < T, so its explicit form over the static id bound is the
+    # cheaper (and is taken); (40, 2): the ghost form is; num_embeddings 7 <= nT: the ids are the
+    # explicit form's slots; None / 100000: dense ranks of the ids (sorted, sync-free).
+    d = 5
+    V = 7 if num_embeddings is None else min(num_embeddings, 50)
+    idx = torch.randint(0, V, (n, T), device=device)
+    B = _rand(n, T, d, device=device)
+    outs = {}
+    for algorithm in ("ghost", "explicit", "sync_free"):
+        K = torch.zeros(1, n, n, device=device)
+        gram.embedding_gram_(K, idx, B, 0, padding_idx=padding_idx, algorithm=algorithm,
+                             num_embeddings=num_embeddings)
+        outs[algorithm] = K
+    K64 = torch.zeros(1, n, n, dtype=torch.float64)
+    ref.embedding_gram_(K64, idx.cpu(), B.cpu(), 0, padding_idx=padding_idx)
+    for algorithm, K in outs.items():
+        assert rel_err(K, K64) <= TOL, algorithm
+    assert rel_err(outs["sync_free"], outs["explicit"]) <= TOL
+    assert rel_err(outs["sync_free"], outs["ghost"]) <= TOL
+
+
+def test_embedding_gram_rejects_bad_num_embeddings():
+    K = torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match="num_embeddings must be None or a positive int"):
+        gram.embedding_gram_(K, torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 4), 0,
+                             algorithm="sync_free", num_embeddings=0)

@@ -1,5 +1,9 @@
 """MAT controller: masks reach the optimizer and the backward, all-active MAT equals AdamW,
-checkpoint/resume identity, gradient accumulation, GradScaler, clipping, report, bad configs."""
+checkpoint/resume identity, gradient accumulation, GradScaler, clipping, report, bad configs.
+
+The end-to-end tests take `device` (CPU always, CUDA when available: conftest.py), so that a GPU
+machine runs MAT end to end on CUDA (scripts/gpu_check.sh); the bad-configuration tests fail
+before any kernel runs and stay on the CPU."""
 import copy
 import io
 
@@ -14,20 +18,30 @@ from helpers import assert_close_rel, rel_err
 V, N, T = 30, 4, 6
 
 
-def make_model(seed=0):
+def make_model(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return BertEncoderMLM(V, hidden=16, layers=2, heads=2, ffn=32, max_len=8)
+    return BertEncoderMLM(V, hidden=16, layers=2, heads=2, ffn=32, max_len=8).to(device)
 
 
-def make_batches(k, n=N, seed=1):
+def make_batches(k, n=N, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(k):
         x = torch.randint(0, V, (n, T), generator=g)
         y = torch.where(torch.rand(n, T, generator=g) < 0.4, x, torch.full_like(x, -100))
         y[:, 0] = x[:, 0]  # every sample predicts at least one token
-        out.append((x, y))
+        out.append((x.to(device), y.to(device)))
     return out
+
+
+def assert_same(a, b, device, rtol=1e-5, atol=1e-7):
+    """Bitwise equal on the CPU. On CUDA the Gram's explicit embedding form scatters with
+    atomics (index_add_), whose summation order varies between runs: λ, and the parameters
+    through the masks' timing only, may differ in the last bits."""
+    if torch.device(device).type == "cpu":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def freezing_policy(mm, probe_every=2, temporal=True):
@@ -57,7 +71,7 @@ def step(mat, model, batch, factor=1.0):
 def element_mask(mm, p, frozen):
     """(p.shape) bool: the elements of `p` that belong to a module in `frozen`."""
     lay = mm.layout(p)
-    out = torch.zeros(p.shape, dtype=torch.bool)
+    out = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
     if lay is None:
         return out
     if lay.kind == "whole":
@@ -74,13 +88,13 @@ def element_mask(mm, p, frozen):
 
 
 @pytest.mark.parametrize("backward", ["detach", "exact"])
-def test_masks_reach_optimizer_and_backward(backward):
-    model = make_model()
+def test_masks_reach_optimizer_and_backward(backward, device):
+    model = make_model(device=device)
     mat = build(model, backward=backward)
     mm = mat.module_map
     ffn_blocks = {f.module: f.block for f in mat.discovery.ffns}
     frozen_seen = set()
-    for k, batch in enumerate(make_batches(7)):
+    for k, batch in enumerate(make_batches(7, device=device)):
         before = [p.detach().clone() for p in mm.params()]
         probe_step = mat.is_probe_step
         x, y = batch
@@ -108,11 +122,11 @@ def test_masks_reach_optimizer_and_backward(backward):
     mat.close()
 
 
-def test_all_active_policy_equals_adamw():
-    model, ref = make_model(), make_model()
+def test_all_active_policy_equals_adamw(device):
+    model, ref = make_model(device=device), make_model(device=device)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     mat = MAT(model, torch.optim.AdamW(model.parameters(), lr=1e-2), warmup=10**6, probe_every=2)
-    for batch in make_batches(5):
+    for batch in make_batches(5, device=device):
         step(mat, model, batch)
         x, y = batch
         mlm_loss(ref(x), y).backward()
@@ -135,21 +149,21 @@ def _checkpoint(*objs):
     return torch.load(buf, weights_only=False)
 
 
-def test_resume_equals_uninterrupted_run():
-    data = make_batches(8)
-    model_a = make_model()
+def test_resume_equals_uninterrupted_run(device):
+    data = make_batches(8, device=device)
+    model_a = make_model(device=device)
     mat_a = build(model_a)
     for b in data:
         step(mat_a, model_a, b)
 
-    model_b = make_model()
+    model_b = make_model(device=device)
     mat_b = build(model_b)
     for b in data[:4]:
         step(mat_b, model_b, b)
     saved = _checkpoint(model_b, mat_b.optimizer, mat_b)
     mat_b.close()
 
-    model_c = make_model(seed=123)          # different weights: all must come from the checkpoint
+    model_c = make_model(seed=123, device=device)          # different weights: all must come from the checkpoint
     mat_c = build(model_c)
     model_c.load_state_dict(saved[0])
     mat_c.optimizer.load_state_dict(saved[1])
@@ -158,21 +172,21 @@ def test_resume_equals_uninterrupted_run():
     for b in data[4:]:
         step(mat_c, model_c, b)
     for p, q in zip(model_a.parameters(), model_c.parameters()):
-        assert torch.equal(p, q)
+        assert_same(p, q, device)
     ra, rc = mat_a.report(), mat_c.report()
-    assert torch.equal(ra["lam"], rc["lam"]) and torch.equal(ra["mask"], rc["mask"])
+    assert_same(ra["lam"], rc["lam"], device) and torch.equal(ra["mask"], rc["mask"])
     assert torch.equal(ra["module_steps"], rc["module_steps"])
     assert ra["compute_saved"] == rc["compute_saved"] > 0
     mat_a.close()
     mat_c.close()
 
 
-def test_accumulation_probes_only_the_last_micro_batch():
+def test_accumulation_probes_only_the_last_micro_batch(device):
     A = 2
-    model = make_model()
+    model = make_model(device=device)
     ref = copy.deepcopy(model)
     mat = build(model, accumulation_steps=A)
-    micro = make_batches(A, seed=5)
+    micro = make_batches(A, seed=5, device=device)
     assert mat.is_probe_step and not mat.is_last_micro_batch and not mat.probes_on_step
     assert step(mat, model, micro[0], 1 / A) is False
     assert mat.is_last_micro_batch and mat.probes_on_step
@@ -185,7 +199,7 @@ def test_accumulation_probes_only_the_last_micro_batch():
     (mlm_loss(ref(x), y) / A).backward()
     lam_ref = mat_cuda.lambda_max(probe.gram())
     # rtol: float32 Grams and Lanczos on both sides, summed in another order (~10 u32 · n).
-    torch.testing.assert_close(lam, lam_ref.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(lam.cpu(), lam_ref.double().cpu(), rtol=1e-5, atol=0)
     # The optimizer stepped once, on the sum of both micro-batches' gradients.
     assert mat.step_count == 1 and int(mat.optimizer.module_steps[-1]) == 1
     mat.close()
@@ -283,10 +297,10 @@ def test_accumulation_steps_on_the_summed_gradient():
     mat.close()
 
 
-def test_grad_scaler_gives_the_unscaled_run():
-    data = make_batches(4)
-    model, ref = make_model(), make_model()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+def test_grad_scaler_gives_the_unscaled_run(device):
+    data = make_batches(4, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 10)
     mat = build(model, scaler=scaler)
     mat_ref = build(ref)
     for b in data:
@@ -297,7 +311,7 @@ def test_grad_scaler_gives_the_unscaled_run():
         step(mat_ref, ref, b)
     r, rr = mat.report(), mat_ref.report()
     # The scale is a power of two (exact); λ: float32 Gram + Lanczos, ~(4n + 32)·u32 → 1e-5.
-    torch.testing.assert_close(r["lam"], rr["lam"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(r["lam"].cpu(), rr["lam"].cpu(), rtol=1e-5, atol=0)
     assert torch.equal(r["mask"], rr["mask"])
     # Same float32 math on the same gradients (scaling exact): ~16 u32; atol for values near 0.
     for p, q in zip(model.parameters(), ref.parameters()):
@@ -306,12 +320,12 @@ def test_grad_scaler_gives_the_unscaled_run():
     mat_ref.close()
 
 
-def test_overflowing_probe_is_dropped_and_retried():
-    model = make_model()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+def test_overflowing_probe_is_dropped_and_retried(device):
+    model = make_model(device=device)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 10)
     mat = build(model, scaler=scaler)
     before = [p.detach().clone() for p in model.parameters()]
-    x, y = make_batches(1)[0]
+    x, y = make_batches(1, device=device)[0]
     scaler.scale(mlm_loss(model(x), y) * float("inf")).backward()
     mat.step()
     mat.zero_grad()
@@ -323,11 +337,11 @@ def test_overflowing_probe_is_dropped_and_retried():
     mat.close()
 
 
-def test_clip_grad_norm_with_scaler():
-    model = make_model()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+def test_clip_grad_norm_with_scaler(device):
+    model = make_model(device=device)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 8)
     mat = build(model, scaler=scaler)
-    x, y = make_batches(1)[0]
+    x, y = make_batches(1, device=device)[0]
     scaler.scale(mlm_loss(model(x), y)).backward()
     total = mat.clip_grad_norm_(1e-3)
     assert float(total) > 1e-3
@@ -339,10 +353,10 @@ def test_clip_grad_norm_with_scaler():
     mat.close()
 
 
-def test_report_and_should_stop():
-    model = make_model()
+def test_report_and_should_stop(device):
+    model = make_model(device=device)
     mat = build(model)
-    for b in make_batches(5):
+    for b in make_batches(5, device=device):
         step(mat, model, b)
     r = mat.report()
     M = mat.module_map.num_modules
@@ -393,14 +407,14 @@ def test_plain_torch_optimizer_is_rebuilt_sharing_param_groups():
     mat.close()
 
 
-def test_close_restores_the_model():
-    model = make_model()
+def test_close_restores_the_model(device):
+    model = make_model(device=device)
     ref = copy.deepcopy(model)
     mat = build(model)
-    step(mat, model, make_batches(1)[0])
+    step(mat, model, make_batches(1, device=device)[0])
     mat.close()
     model.load_state_dict(ref.state_dict())
-    x, _ = make_batches(1)[0]
+    x, _ = make_batches(1, device=device)[0]
     assert torch.equal(model(x), ref(x))
     assert all(p.requires_grad for p in model.parameters())
 
@@ -468,13 +482,13 @@ def test_other_bad_arguments():
 
 
 @pytest.mark.parametrize("kernel", ["logit_sum", "output"])
-def test_output_kernels_measure_every_module_on_the_probe_batch(kernel):
+def test_output_kernels_measure_every_module_on_the_probe_batch(kernel, device):
     from mat_cuda.reference import (lambda_max_reference, module_grams_reference,
                                     per_sample_grads_reference)
 
-    model = make_model()
-    x_probe = make_batches(1, n=5, seed=7)[0][0]
-    batches = make_batches(5)
+    model = make_model(device=device)
+    x_probe = make_batches(1, n=5, seed=7, device=device)[0][0]
+    batches = make_batches(5, device=device)
     # Reference for the first probe (step 0, before any update): logit_sum's row i is
     # ∇ Σ_o f_o(x_i), by torch.func on an unconverted copy of the model.
     twin = copy.deepcopy(model)
@@ -493,7 +507,7 @@ def test_output_kernels_measure_every_module_on_the_probe_batch(kernel):
     if kernel == "logit_sum":
         # float32 probe (logit-sum kernel: Grams over V logits, ~V·u32 ≈ 2e-6 per entry) and
         # Lanczos at the default tol 1e-6: 1e-4 leaves margin for the float32 forward too.
-        torch.testing.assert_close(rep["lam"][0].double(), lambda_max_reference(K_ref),
+        torch.testing.assert_close(rep["lam"][0].double().cpu(), lambda_max_reference(K_ref).cpu(),
                                    rtol=1e-4, atol=1e-8)
     # Every module is measured at every probe, the frozen ones included.
     assert bool((rep["lam"] > 0).all())
@@ -514,10 +528,10 @@ def test_policy_factory_gets_the_discovered_kinds_and_names():
     assert mat.policy.modular.mode == "budget" and mat.policy.temporal is None
 
 
-def test_explicit_module_map_skips_whole_tensor_modules():
+def test_explicit_module_map_skips_whole_tensor_modules(device):
     # An explicit map has no discovered attention/FFN structures: whole-tensor modules are
     # skipped through requires_grad, row/column groups would be masked by the optimizer only.
-    model = make_model()
+    model = make_model(device=device)
     mm = ModuleMap()
     for i, layer in enumerate(model.layers):
         m = mm.add_module(f"ffn{i}", "ffn")
@@ -528,7 +542,7 @@ def test_explicit_module_map_skips_whole_tensor_modules():
                        warmup=0, probe_every=3)
     mat = MAT(model, torch.optim.AdamW(model.parameters(), lr=1e-2), modules=mm, policy=policy)
     assert mat.skipper.attentions == [] and mat.skipper.skipped_modules == [0, 1]
-    data = make_batches(2)
+    data = make_batches(2, device=device)
     step(mat, model, data[0])               # probe step: one FFN frozen from here on
     frozen = (~mat.optimizer.module_mask).nonzero().flatten().tolist()
     assert len(frozen) == 1
@@ -543,15 +557,15 @@ def test_explicit_module_map_skips_whole_tensor_modules():
     mat.close()
 
 
-def test_discovery_and_masked_optimizer_built_first():
+def test_discovery_and_masked_optimizer_built_first(device):
     # A MaskedAdamW on a discovery's map is used as it is, and the discovered heads/FFNs are
     # converted for skipping.
-    model = make_model()
+    model = make_model(device=device)
     disc = mat_cuda.discover(model, ("head", "ffn"))
     opt = mat_cuda.MaskedAdamW(model.parameters(), lr=1e-2, module_map=disc.module_map)
     mat = MAT(model, opt, modules=disc, policy=freezing_policy(disc.module_map))
     assert mat.optimizer is opt and len(mat.skipper.attentions) == 2
-    step(mat, model, make_batches(1)[0])
+    step(mat, model, make_batches(1, device=device)[0])
     assert not opt.module_mask.all()
     mat.close()
     # A MaskedAdamW on another map (its default per-parameter map) is rebuilt on MAT's map.
@@ -560,4 +574,4 @@ def test_discovery_and_masked_optimizer_built_first():
     assert mat2.optimizer is not opt2 and mat2.optimizer.module_map is mat2.module_map
     mat2.close()
     with pytest.raises(ValueError, match="another model"):
-        MAT(make_model(), torch.optim.AdamW(model.parameters()), modules=disc)
+        MAT(make_model(device=device), torch.optim.AdamW(model.parameters()), modules=disc)

@@ -3,7 +3,7 @@
 HF attention blocks are converted by the Skipper (frozen heads' dW and, in detach mode, dX
 through their projections are skipped; see docs/discovery.md); FFN blocks are skipped by
 requires_grad.
-Skipped without transformers.
+Skipped without transformers. Runs on every available device (conftest.py: CUDA when present).
 """
 import pytest
 import torch
@@ -45,14 +45,14 @@ def _lm_inputs(is_bert, ids, g):
 
 
 @pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
-def test_hf_model_trains_with_mat(make):
+def test_hf_model_trains_with_mat(make, device):
     # A fresh batch at every step, the loss measured on held-out batches before and after.
     torch.manual_seed(0)
-    model = make()
+    model = make().to(device)
     model.train()
     is_bert = make is _bert
     g_train, g_eval = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    held_out = [_lm_inputs(is_bert, _progressions(g_eval, 16), g_eval) for _ in range(2)]
+    held_out = [_lm_inputs(is_bert, _progressions(g_eval, 16).to(device), g_eval) for _ in range(2)]
 
     def held_out_loss():
         with torch.no_grad():
@@ -67,7 +67,7 @@ def test_hf_model_trains_with_mat(make):
     mat = MAT(model, opt, policy=policy)
     before = held_out_loss()
     for _ in range(STEPS):
-        loss = model(**_lm_inputs(is_bert, _progressions(g_train), g_train)).loss
+        loss = model(**_lm_inputs(is_bert, _progressions(g_train).to(device), g_train)).loss
         loss.backward()
         mat.step()
         mat.zero_grad()

@@ -193,10 +193,85 @@ def test_op_rejects_bad_input_untouched(bad, match):
 
 
 
+def _adamw(params, steps, mask, layout, groups):
+    return ops.masked_adamw_step_(params, [torch.ones_like(p) for p in params],
+                                  [torch.zeros_like(p) for p in params],
+                                  [torch.zeros_like(p) for p in params], steps, mask, layout,
+                                  groups, 0.1, 0.9, 0.99, 0.0, 1e-8, False, None, None)
+
+
+@pytest.mark.parametrize("bad_value", [7, 3, -1])
+def test_group_table_values_checked_on_every_device(device, bad_value):
+    # A module id outside [0, num_modules] would index past module_mask: rejected, nothing
+    # written, with the same message on CPU and CUDA (group_table_check.h).
+    p = torch.randn(4, 3, device=device)
+    steps = torch.zeros(3, dtype=torch.long, device=device)
+    mask = torch.ones(2, dtype=torch.bool, device=device)
+    layout = torch.tensor([[1, 0, 3, 0]], dtype=torch.long)  # 4 row groups of one row
+    groups = torch.tensor([0, 1, 2, bad_value], device=device)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=rf"group_table\[3\] = {bad_value} is out of range \[0, 2\]"):
+        _adamw([p], steps, mask, layout, groups)
+    assert torch.equal(p, before)
+
+
+def test_group_table_rechecked_after_in_place_change(device):
+    # The check runs once per table version: a valid table passes and is remembered; writing a
+    # bad value into it in place bumps its version and the next step rejects it; a table checked
+    # against more modules is checked again for fewer.
+    p = torch.randn(4, 3, device=device)
+    layout = torch.tensor([[1, 0, 3, 0]], dtype=torch.long)
+    groups = torch.tensor([0, 1, 2, 0], device=device)
+    steps3, mask3 = torch.zeros(4, dtype=torch.long, device=device), torch.ones(3, dtype=torch.bool, device=device)
+    _adamw([p], steps3, mask3, layout, groups)
+    _adamw([p], steps3, mask3, layout, groups)
+    groups[1] = 9
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=r"group_table\[1\] = 9 is out of range"):
+        _adamw([p], steps3, mask3, layout, groups)
+    assert torch.equal(p, before)
+    groups[1] = 3  # valid for 3 modules (the unmanaged slot)
+    _adamw([p], steps3, mask3, layout, groups)
+    steps1, mask1 = torch.zeros(2, dtype=torch.long, device=device), torch.ones(1, dtype=torch.bool, device=device)
+    with pytest.raises(RuntimeError, match=r"group_table\[1\] = 3 is out of range \[0, 1\]"):
+        _adamw([p], steps1, mask1, layout, groups)
+
+
+def test_more_tensors_than_one_launch_holds(device):
+    # 230 small tensors: more than one CUDA launch's 192 tensor slots (CUDA >= 12.1; 16 with
+    # 4 KB kernel parameters), every layout among them, against the reference.
+    params, layouts = [], []
+    mm = ModuleMap()
+    ids = [mm.add_module(f"m{i}") for i in range(5)]
+    for i in range(230):
+        p = torch.randn(4 + i % 5, 8, device=device)
+        params.append(p)
+        if i % 3 == 0:
+            mm.assign_row_groups(p, 1 if p.shape[0] % 2 else 2,
+                                 [ids[(i + j) % 5] for j in range(p.shape[0] // (1 if p.shape[0] % 2 else 2))])
+        elif i % 3 == 1:
+            mm.assign_col_groups(p, 4, [ids[i % 5], -1])
+    grads = [torch.randn_like(p) for p in params]
+    layout, groups = mm.kernel_tables(params, device)
+    steps = torch.randint(0, 3, (6,), device=device)
+    mask = torch.tensor([True, False, True, False, True], device=device)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    rp, rm, rv = ref.masked_adamw_step_ref(params, grads, m, v, steps, mask, layout, groups,
+                                           1e-2, 0.9, 0.999, 0.01, 1e-8)
+    p2 = [t.clone() for t in params]
+    ops.masked_adamw_step_(p2, grads, m, v, steps, mask, layout, groups, 1e-2, 0.9, 0.999, 0.01,
+                           1e-8, False, None, None)
+    assert_close_rel(torch.cat([t.flatten() for t in p2]), torch.cat([t.flatten() for t in rp]))
+    assert_close_rel(torch.cat([t.flatten() for t in m]), torch.cat([t.flatten() for t in rm]))
+
+
 def test_many_large_tensors_mixed_dtypes(device):
-    # More tensors than one CUDA launch holds (24) and more 64K-element chunks than its blocks
-    # (320), so tensors are cut between launches; fp32 and bf16 in one list (one launch series
-    # per dtype); column groups of odd width (the kernel's one-element path) among them.
+    # More tensors than one CUDA launch holds with 4 KB kernel parameters (16) and more 64K-element
+    # chunks than its blocks (320), so tensors are cut between launches there; fp32 and bf16 in
+    # one list (one launch series per dtype); column groups of odd width (the kernel's
+    # one-element path) among them. (CUDA >= 12.1 launches hold 192 tensors and 1024 blocks:
+    # test_cuda_paths.py::test_cuda_step_spanning_launches_matches_cpu goes past those.)
     shapes = [(1100, 700)] * 28 + [(7 * 18725,), (5, 65536 + 1)]
     params = [torch.randn(s, device=device).to(torch.bfloat16 if i % 7 == 3 else torch.float32)
               for i, s in enumerate(shapes)]

@@ -31,7 +31,7 @@ STYLE = {"bert": "hf_bert", "roberta": "hf_bert", "vit": "hf_vit", "gpt2": "hf_g
 D, HEADS, DH, N, T = 32, 4, 8, 2, 7
 
 
-def _model(arch, impl, dtype=torch.float64):
+def _model(arch, impl, dtype=torch.float64, device="cpu"):
     torch.manual_seed(0)
     t = transformers
     drop = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -49,14 +49,14 @@ def _model(arch, impl, dtype=torch.float64):
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                          bos_token_id=0, eos_token_id=0, attn_implementation=impl))
     assert m.config._attn_implementation == impl
-    return m.to(dtype)
+    return m.to(dtype=dtype, device=device)
 
 
-def _input(arch, dtype=torch.float64):
+def _input(arch, dtype=torch.float64, device="cpu"):
     """A leaf input whose gradient is the model's dX: embeddings, or ViT's pixels."""
     g = torch.Generator().manual_seed(1)
     shape = (N, 3, 8, 8) if arch == "vit" else (N, T, D)
-    return torch.randn(shape, generator=g, dtype=dtype).requires_grad_()
+    return torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_()
 
 
 def _run(arch, model, x, **kwargs):
@@ -66,7 +66,7 @@ def _run(arch, model, x, **kwargs):
 
 def _loss(y):
     g = torch.Generator().manual_seed(2)
-    return (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    return (y * torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)).sum()
 
 
 def _grads(model):
@@ -93,7 +93,7 @@ FROZEN = {0: [1, 2], 1: [0, 1, 2, 3]}  # one layer partly, one layer wholly froz
 
 def _head_slices(spec, frozen):
     """(param, index of its frozen-head slice, index of its active slice) for Q/K/V and W_O weights."""
-    rows = torch.zeros(HEADS, dtype=torch.bool)
+    rows = torch.zeros(HEADS, dtype=torch.bool, device=spec.o.weight.device)
     rows[list(frozen)] = True
     rows = rows.repeat_interleave(DH)  # (H·d_h,): True = frozen head
     out = []
@@ -148,7 +148,7 @@ def _detach_hooks(ref, found, model, frozen, frozen_ffns):
     def ctx_hook(rows):
         def hook(_mod, args):
             c = args[0]
-            return (torch.where(rows, c.detach(), c),)
+            return (torch.where(rows.to(c.device), c.detach(), c),)
         return hook
 
     for i, spec in enumerate(found.attentions):
@@ -174,13 +174,13 @@ def test_discovery_styles_are_all_converted(arch):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["detach", "exact"])
-def test_forward_unchanged(arch, impl, mode):
-    model = _model(arch, impl, torch.float32)
+def test_forward_unchanged(arch, impl, mode, device):
+    model = _model(arch, impl, torch.float32, device)
     ref = copy.deepcopy(model)
     found = discover(model)
     sk = Skipper.from_discovery(found, mode=mode)
-    sk.set_mask(_mask(found, FROZEN, [1]))
-    x = _input(arch, torch.float32)
+    sk.set_mask(_mask(found, FROZEN, [1]).to(device))
+    x = _input(arch, torch.float32, device)
     with torch.no_grad():
         # float32 on both sides, other GEMM split: REL_TOL[float32] (16 u32 ≈ 1e-6)
         assert_close_rel(_run(arch, model, x), _run(arch, ref, x), tol=1e-6)
@@ -212,18 +212,18 @@ def test_all_active_and_probe_gradients_equal_unconverted(arch, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["detach", "exact"])
-def test_grads_equal_reference(arch, impl, mode):
+def test_grads_equal_reference(arch, impl, mode, device):
     """detach: the gradients (dX included) equal the unconverted model's with the frozen heads'
     attention context detached at W_O's input and the frozen FFN blocks' inputs detached;
-    exact: the unconverted model's own."""
-    model = _model(arch, impl)
+    exact: the unconverted model's own. (float64: on CUDA too, the tolerances hold.)"""
+    model = _model(arch, impl, device=device)
     ref = copy.deepcopy(model)
     found = discover(model)
     sk = Skipper.from_discovery(found, mode=mode)
-    sk.set_mask(_mask(found, FROZEN, [1]))
+    sk.set_mask(_mask(found, FROZEN, [1]).to(device))
     if mode == "detach":
         _detach_hooks(ref, found, model, FROZEN, [1])
-    x, x_ref = _input(arch), _input(arch)
+    x, x_ref = _input(arch, device=device), _input(arch, device=device)
     _loss(_run(arch, model, x)).backward()
     _loss(_run(arch, ref, x_ref)).backward()
     _check(model, ref, found, FROZEN, [1], x, x_ref)

@@ -1,7 +1,8 @@
 // CUDA kernel of mat_cuda::lanczos_lambda_max: one thread block per matrix, all matrices in
 // one launch, no host synchronisation. The block is the `Team` of the shared driver
 // (lanczos.h): it cooperates on the matvecs, dot products and Gram–Schmidt updates; the
-// tridiagonal solve runs on thread 0 in shared memory.
+// tridiagonal solve runs on thread 0. Where each block's memory lives (shared, or its slice of
+// a global workspace when n or iters is too large) is lanczos_plan.h.
 #include <cuda_runtime.h>
 
 #include "common/cuda_check.h"
@@ -79,107 +80,82 @@ struct BlockTeam {
   }
 };
 
-constexpr int kFlagInts = 4;
-constexpr int kRedSlots = 32;
-
-// Shared memory layout (dynamic, 16-byte aligned): doubles alpha, beta, s (m each), work (5m),
-// ritz, est (kMaxTopk each), red (32); int flags (4); S w (n), coef (m); [S Q (m·n)];
-// [S K (n·n)].
-size_t base_bytes(int n, int m, size_t elem) {
-  const size_t doubles = (8 * static_cast<size_t>(m) + 2 * kMaxTopk + kRedSlots) * sizeof(double);
-  return doubles + kFlagInts * sizeof(int) + (static_cast<size_t>(n) + m) * elem;
-}
-
-template <typename S>
+template <typename S, bool kBaseShared>
 __global__ void lanczos_kernel(const S* __restrict__ K, const S* __restrict__ v0,
-                               LanczosOptions opt, bool q_in_shared, bool k_in_shared,
-                               S* Q_global, S* lambdas, S* vectors, int* iterations,
-                               S* residuals) {
+                               LanczosOptions opt, LanczosPlan plan, unsigned char* workspace,
+                               S* lambdas, S* vectors, int* iterations, S* residuals) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t b = blockIdx.x;
-  const int n = opt.n, m = opt.m;
+  const int n = opt.n;
+  unsigned char* gmem = workspace != nullptr ? workspace + b * static_cast<int64_t>(plan.global_bytes)
+                                             : nullptr;
   LanczosScratch<S> sc;
-  sc.alpha = reinterpret_cast<double*>(smem);
-  sc.beta = sc.alpha + m;
-  sc.s = sc.beta + m;
-  sc.work = sc.s + m;
-  sc.ritz = sc.work + 5 * m;
-  sc.est = sc.ritz + kMaxTopk;
-  double* red = sc.est + kMaxTopk;
-  sc.flags = reinterpret_cast<int*>(red + kRedSlots);
-  sc.w = reinterpret_cast<S*>(sc.flags + kFlagInts);
-  sc.coef = sc.w + n;
-  S* next = sc.coef + m;
-  if (q_in_shared) {
-    sc.Q = next;
-    next += static_cast<int64_t>(m) * n;
-  } else {
-    sc.Q = Q_global + b * m * n;
-  }
+  S* k_copy = lanczos_carve<S, kBaseShared>(plan, smem, gmem, &sc);
   const S* Kb = K + b * n * n;
-  if (k_in_shared) {
+  if (k_copy != nullptr) {
     const int64_t nn = static_cast<int64_t>(n) * n;
-    for (int64_t i = threadIdx.x; i < nn; i += blockDim.x) next[i] = Kb[i];
+    for (int64_t i = threadIdx.x; i < nn; i += blockDim.x) k_copy[i] = Kb[i];
     __syncthreads();
-    Kb = next;
+    Kb = k_copy;
   }
-  BlockTeam<S> team{red};
+  BlockTeam<S> team{lanczos_red_slots(plan, smem)};
   lanczos_matrix<S>(team, Kb, v0 != nullptr ? v0 + b * n : nullptr, opt, sc,
                     lambdas + b * opt.topk, vectors + b * n, iterations + b, residuals + b);
 }
 
 template <typename S>
 cudaError_t launch(const S* K, const S* v0, int64_t M, const LanczosOptions& opt,
-                   const LanczosPlan& plan, S* Q_global, S* lambdas, S* vectors, int* iterations,
-                   S* residuals, cudaStream_t stream) {
+                   const LanczosPlan& plan, unsigned char* workspace, S* lambdas, S* vectors,
+                   int* iterations, S* residuals, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   if (M > 2147483647LL) return cudaErrorInvalidConfiguration;
-  if (plan.smem_bytes > 48 * 1024) {
-    MAT_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(lanczos_kernel<S>,
-                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  static_cast<int>(plan.smem_bytes)));
+  if (plan.global_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  // Two instantiations (lanczos_plan.h, lanczos_base_shared): each launched by name.
+  const unsigned grid = static_cast<unsigned>(M);
+  if (lanczos_base_shared(plan)) {
+    if (plan.smem_bytes > 48 * 1024) {
+      MAT_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(lanczos_kernel<S, true>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(plan.smem_bytes)));
+    }
+    lanczos_kernel<S, true><<<grid, plan.block, plan.smem_bytes, stream>>>(
+        K, v0, opt, plan, workspace, lambdas, vectors, iterations, residuals);
+  } else {
+    if (plan.smem_bytes > 48 * 1024) {
+      MAT_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(lanczos_kernel<S, false>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(plan.smem_bytes)));
+    }
+    lanczos_kernel<S, false><<<grid, plan.block, plan.smem_bytes, stream>>>(
+        K, v0, opt, plan, workspace, lambdas, vectors, iterations, residuals);
   }
-  lanczos_kernel<S><<<static_cast<unsigned>(M), plan.block, plan.smem_bytes, stream>>>(
-      K, v0, opt, plan.q_in_shared, plan.k_in_shared, Q_global, lambdas, vectors, iterations,
-      residuals);
   MAT_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
 }
 
 }  // namespace
 
-cudaError_t lanczos_make_plan(int device, int n, int m, size_t elem_bytes, LanczosPlan* plan) {
+cudaError_t lanczos_device_smem_limit(int device, size_t* bytes) {
   int max_optin = 0;
   MAT_RETURN_IF_CUDA_ERROR(
       cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  plan->max_smem = static_cast<size_t>(max_optin);
-  // Small matrices: 4 warps (a warp per row of a 64-wide matvec is already 16 rows per warp).
-  plan->block = n <= 64 ? 128 : 256;
-  plan->base_bytes = base_bytes(n, m, elem_bytes);
-  size_t bytes = plan->base_bytes;
-  const size_t q_bytes = static_cast<size_t>(m) * n * elem_bytes;
-  const size_t k_bytes = static_cast<size_t>(n) * n * elem_bytes;
-  plan->q_in_shared = bytes + q_bytes <= plan->max_smem;
-  if (plan->q_in_shared) bytes += q_bytes;
-  plan->k_in_shared = bytes + k_bytes <= plan->max_smem;
-  if (plan->k_in_shared) bytes += k_bytes;
-  plan->smem_bytes = bytes;
+  *bytes = static_cast<size_t>(max_optin);
   return cudaSuccess;
 }
 
 cudaError_t lanczos_launch_f32(const float* K, const float* v0, int64_t M, const LanczosOptions& opt,
-                               const LanczosPlan& plan, float* Q_global, float* lambdas,
+                               const LanczosPlan& plan, unsigned char* workspace, float* lambdas,
                                float* vectors, int* iterations, float* residuals,
                                cudaStream_t stream) {
-  return launch<float>(K, v0, M, opt, plan, Q_global, lambdas, vectors, iterations, residuals,
+  return launch<float>(K, v0, M, opt, plan, workspace, lambdas, vectors, iterations, residuals,
                        stream);
 }
 
 cudaError_t lanczos_launch_f64(const double* K, const double* v0, int64_t M,
-                               const LanczosOptions& opt, const LanczosPlan& plan, double* Q_global,
-                               double* lambdas, double* vectors, int* iterations,
-                               double* residuals, cudaStream_t stream) {
-  return launch<double>(K, v0, M, opt, plan, Q_global, lambdas, vectors, iterations, residuals,
+                               const LanczosOptions& opt, const LanczosPlan& plan,
+                               unsigned char* workspace, double* lambdas, double* vectors,
+                               int* iterations, double* residuals, cudaStream_t stream) {
+  return launch<double>(K, v0, M, opt, plan, workspace, lambdas, vectors, iterations, residuals,
                         stream);
 }
 

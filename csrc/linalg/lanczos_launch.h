@@ -1,5 +1,6 @@
 // Host launchers of the CUDA Lanczos kernel (lanczos.cu), called by lanczos_cuda.cpp. Plain
-// pointers and POD structs only: no torch here.
+// pointers and POD structs only: no torch here. The plan (where each block's memory lives) is
+// lanczos_plan.h, a pure function the host tests run too.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,36 +9,25 @@
 #include <cstdint>
 
 #include "linalg/lanczos.h"
+#include "linalg/lanczos_plan.h"
 
 namespace mat_cuda {
 namespace linalg {
 
-// Where one block's data lives. Shared memory always holds the tridiagonal and the small
-// vectors ("base"); then the Lanczos basis Q (m×n) if it fits, then K (n×n) if it also fits
-// (else K is streamed from global memory through L1/L2 at every matvec).
-struct LanczosPlan {
-  int block;           // threads per block
-  size_t base_bytes;   // shared memory that must fit
-  size_t smem_bytes;   // dynamic shared memory of the launch
-  size_t max_smem;     // the device's opt-in limit per block
-  bool q_in_shared;    // else the caller passes a global Q workspace of M·m·n elements
-  bool k_in_shared;
-};
-
-// Fills `plan` for matrices of size n, budget m and element size elem_bytes (4 or 8) on `device`.
-cudaError_t lanczos_make_plan(int device, int n, int m, size_t elem_bytes, LanczosPlan* plan);
+// The device's opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+cudaError_t lanczos_device_smem_limit(int device, size_t* bytes);
 
 // One block per matrix, all M matrices in one launch. K: (M, n, n); v0: (M, n) or nullptr;
-// Q_global: (M, m, n) or nullptr when plan.q_in_shared; lambdas (M, topk); vectors (M, n);
-// iterations (M,); residuals (M,).
+// workspace: M · plan.global_bytes bytes of device memory (16-byte aligned), or nullptr when
+// plan.global_bytes is 0; lambdas (M, topk); vectors (M, n); iterations (M,); residuals (M,).
 cudaError_t lanczos_launch_f32(const float* K, const float* v0, int64_t M, const LanczosOptions& opt,
-                               const LanczosPlan& plan, float* Q_global, float* lambdas,
+                               const LanczosPlan& plan, unsigned char* workspace, float* lambdas,
                                float* vectors, int* iterations, float* residuals,
                                cudaStream_t stream);
 cudaError_t lanczos_launch_f64(const double* K, const double* v0, int64_t M,
-                               const LanczosOptions& opt, const LanczosPlan& plan, double* Q_global,
-                               double* lambdas, double* vectors, int* iterations,
-                               double* residuals, cudaStream_t stream);
+                               const LanczosOptions& opt, const LanczosPlan& plan,
+                               unsigned char* workspace, double* lambdas, double* vectors,
+                               int* iterations, double* residuals, cudaStream_t stream);
 
 }  // namespace linalg
 }  // namespace mat_cuda

@@ -26,7 +26,9 @@ struct GramKernels {
                        int64_t i0, int64_t j0, bool mirror, double scale);
 };
 
-enum class GramAlgorithm : int64_t { kAuto = 0, kGhost = 1, kExplicit = 2 };
+// kSyncFree (embedding only): the explicit form over a static bound on the distinct ids, or
+// the ghost form, chosen by shapes alone: no host synchronisation (see embedding_gram).
+enum class GramAlgorithm : int64_t { kAuto = 0, kGhost = 1, kExplicit = 2, kSyncFree = 3 };
 
 // ---- input checks (all before any write: K is untouched on error) ----
 
@@ -307,9 +309,29 @@ inline void embedding_explicit_gram(const GramKernels& k, at::Tensor& K, const a
   k.scatter_tile(K, acc, gm, 0, 0, false, scale);
 }
 
+// The dense rank of every id among the distinct ids of `flat` (0 for the smallest), without a
+// host synchronisation: sort, mark where the sorted value changes, prefix-sum, scatter back.
+// Ranks are < flat.numel(). flat: (N,) int64.
+inline at::Tensor dense_id_rank(const at::Tensor& flat) {
+  const int64_t N = flat.size(0);
+  const auto sorted = at::sort(flat);
+  const at::Tensor& values = std::get<0>(sorted);
+  at::Tensor is_new = at::ones({N}, flat.options());
+  if (N > 1) is_new.narrow(0, 1, N - 1).copy_(values.narrow(0, 1, N - 1).ne(values.narrow(0, 0, N - 1)));
+  const at::Tensor rank_sorted = is_new.cumsum(0).sub_(1);
+  return at::empty_like(flat).scatter_(0, std::get<1>(sorted), rank_sorted);
+}
+
+// algorithm: 0 auto, 1 ghost, 2 explicit (these two count the batch's distinct ids U with
+// unique: a host synchronisation on CUDA), 3 sync-free. num_embeddings (V, 0 = unknown) bounds U
+// for the sync-free form: U <= min(n·T, V), and the explicit form runs over that static bound
+// (its id slots are the ids themselves when V <= n·T, else their dense ranks, sync-free), unused
+// slots adding zero columns; the ghost form is taken instead when cheaper by the same cost
+// model with U at its bound. Same Gram as the other forms up to float rounding.
 inline void embedding_gram(const GramKernels& k, at::Tensor& K, const at::Tensor& indices,
                            const at::Tensor& B, int64_t module, std::optional<int64_t> padding_idx,
-                           double scale, int64_t algorithm, int64_t workspace_bytes) {
+                           double scale, int64_t algorithm, int64_t workspace_bytes,
+                           int64_t num_embeddings) {
   CHECK_DIM(indices, 2);
   CHECK_DTYPE(indices, at::kLong);
   CHECK_DIM(B, 3);
@@ -321,9 +343,10 @@ inline void embedding_gram(const GramKernels& k, at::Tensor& K, const at::Tensor
   check_same_device(B, K, "B");
   MAT_CHECK(module >= -1 && module < K.size(0), "module must be in [-1, ", K.size(0) - 1,
             "] (K has M = ", K.size(0), " modules), got ", module);
-  MAT_CHECK(algorithm >= 0 && algorithm <= 2, "algorithm must be 0 (auto), 1 (ghost) or 2 "
-            "(explicit), got ", algorithm);
+  MAT_CHECK(algorithm >= 0 && algorithm <= 3, "algorithm must be 0 (auto), 1 (ghost), 2 "
+            "(explicit) or 3 (sync_free), got ", algorithm);
   MAT_CHECK(workspace_bytes > 0, "workspace_bytes must be positive, got ", workspace_bytes);
+  MAT_CHECK(num_embeddings >= 0, "num_embeddings must be >= 0 (0: unknown), got ", num_embeddings);
   const int64_t n = B.size(0), T = B.size(1), d = B.size(2);
   if (module < 0 || n == 0 || T == 0 || d == 0) return;
   at::Tensor Bf = to_float_contiguous(B);
@@ -334,17 +357,27 @@ inline void embedding_gram(const GramKernels& k, at::Tensor& K, const at::Tensor
   const at::Tensor flat = indices.reshape({n * T});
   const at::Tensor gm = at::full({1}, module, indices.options());
   const auto algo = static_cast<GramAlgorithm>(algorithm);
-  if (algo != GramAlgorithm::kGhost) {
+  const auto explicit_with = [&](const at::Tensor& rank, int64_t U) {
+    // slot (n·T,) = i·U + rank of idx_it
+    const at::Tensor slot = (at::arange(n, flat.options()).mul_(U).unsqueeze(1) +
+                             rank.reshape({n, T})).reshape({n * T});
+    embedding_explicit_gram(k, K, slot, U, Bf.view({n * T, d}), gm, n, scale, workspace_bytes);
+  };
+  if (algo == GramAlgorithm::kSyncFree) {
+    const bool ids_are_slots = num_embeddings > 0 && num_embeddings <= n * T;
+    const int64_t U = ids_are_slots ? num_embeddings : n * T;
+    if (embedding_explicit_cost(n, T, d, U) <= embedding_ghost_cost(n, T, d, workspace_bytes)) {
+      explicit_with(ids_are_slots ? flat : dense_id_rank(flat), U);
+      return;
+    }
+  } else if (algo != GramAlgorithm::kGhost) {
     // The explicit form and the choice need U, the batch's distinct id count: on CUDA a host
-    // synchronisation for unique's output size (the ghost form has none).
+    // synchronisation for unique's output size (the ghost and sync-free forms have none).
     const auto uniq = at::_unique(flat, /*sorted=*/false, /*return_inverse=*/true);
     const int64_t U = std::get<0>(uniq).size(0);
     if (algo == GramAlgorithm::kExplicit ||
         embedding_explicit_cost(n, T, d, U) <= embedding_ghost_cost(n, T, d, workspace_bytes)) {
-      // slot (n·T,) = i·U + rank of idx_it among the distinct ids
-      const at::Tensor slot = (at::arange(n, flat.options()).mul_(U).unsqueeze(1) +
-                               std::get<1>(uniq).reshape({n, T})).reshape({n * T});
-      embedding_explicit_gram(k, K, slot, U, Bf.view({n * T, d}), gm, n, scale, workspace_bytes);
+      explicit_with(std::get<1>(uniq), U);
       return;
     }
   }

@@ -48,9 +48,9 @@ void linear_gram_cpu(at::Tensor K, const at::Tensor& A, const at::Tensor& B,
 
 void embedding_gram_cpu(at::Tensor K, const at::Tensor& indices, const at::Tensor& B,
                         int64_t module, std::optional<int64_t> padding_idx, double scale,
-                        int64_t algorithm, int64_t workspace_bytes) {
+                        int64_t algorithm, int64_t workspace_bytes, int64_t num_embeddings) {
   embedding_gram(kCpuKernels, K, indices, B, module, padding_idx, scale, algorithm,
-                 workspace_bytes);
+                 workspace_bytes, num_embeddings);
 }
 
 void sample_gram_cpu(at::Tensor K, const at::Tensor& G, const at::Tensor& group_module,

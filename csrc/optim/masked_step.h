@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common/fast_divmod.h"
 #include "common/host_device.h"
 
 namespace mat_cuda {
@@ -29,15 +30,49 @@ struct TensorLayout {
   int64_t last_dim;
 };
 
-// The group-table index of flat element i (rows/cols layouts).
-MAT_HD int64_t layout_group(const TensorLayout& l, int64_t i) {
-  return l.code == kLayoutRows ? i / l.span : (i % l.last_dim) / l.span;
+// The layout with its divisors prepared for division without a divide instruction
+// (common/fast_divmod.h): the CUDA kernel looks an element's module up per element (scalar
+// path) or per 4 elements (vector path), and a 64-bit `/` or `%` there is a software routine of
+// ~70 instructions on a GPU; the CPU kernel uses the same helpers once per run of a module.
+// Built once per tensor on the host.
+struct LayoutIndex {
+  int64_t code;
+  int64_t module_or_offset;
+  FastDivU64 span;      // rows: elements per group; cols: columns per group
+  FastDivU64 last_dim;  // cols: row length; unused otherwise
+};
+
+inline LayoutIndex make_layout_index(const TensorLayout& l) {
+  LayoutIndex x;
+  x.code = l.code;
+  x.module_or_offset = l.module_or_offset;
+  const bool grouped = l.code == kLayoutRows || l.code == kLayoutCols;
+  x.span = make_fast_div_u64(grouped && l.span > 0 ? static_cast<uint64_t>(l.span) : 0);
+  x.last_dim = make_fast_div_u64(l.code == kLayoutCols && l.last_dim > 0
+                                     ? static_cast<uint64_t>(l.last_dim) : 0);
+  return x;
+}
+
+// The group-table index of flat element i (rows/cols layouts): i / span, or
+// (i % last_dim) / span.
+MAT_HD int64_t layout_group(const LayoutIndex& l, int64_t i) {
+  const uint64_t u = static_cast<uint64_t>(i);
+  return static_cast<int64_t>(l.code == kLayoutRows ? l.span.div(u) : l.span.div(l.last_dim.mod(u)));
 }
 
 // The module of flat element i of a contiguous tensor. group_table: (G,) module of each group.
-MAT_HD int64_t element_module(const TensorLayout& l, const int64_t* group_table, int64_t i) {
+MAT_HD int64_t element_module(const LayoutIndex& l, const int64_t* group_table, int64_t i) {
   if (l.code == kLayoutWhole) return l.module_or_offset;
   return group_table[l.module_or_offset + layout_group(l, i)];
+}
+
+// The end of the run of elements from i that lie in i's group, capped at `end`: group
+// boundaries fall every span flat elements for both row and column layouts (span divides
+// last_dim); a whole tensor is one run.
+MAT_HD int64_t group_run_end(const LayoutIndex& l, int64_t i, int64_t end) {
+  if (l.code == kLayoutWhole) return end;
+  const int64_t stop = static_cast<int64_t>((l.span.div(static_cast<uint64_t>(i)) + 1) * l.span.divisor);
+  return stop < end ? stop : end;
 }
 
 // Module slot num_modules holds the unmanaged elements: always active.
@@ -47,10 +82,10 @@ MAT_HD bool module_active(const bool* module_mask, int64_t num_modules, int64_t 
 
 // Whether every run of 4 consecutive elements starting at a multiple of 4 lies in one module,
 // so a vectorised kernel can look the module up once per 4 elements.
-MAT_HD bool layout_uniform_in_fours(const TensorLayout& l) {
+MAT_HD bool layout_uniform_in_fours(const LayoutIndex& l) {
   if (l.code == kLayoutWhole) return true;
-  if (l.code == kLayoutRows) return l.span % 4 == 0;
-  return l.span % 4 == 0 && l.last_dim % 4 == 0;
+  if (l.code == kLayoutRows) return l.span.divisor % 4 == 0;
+  return l.span.divisor % 4 == 0 && l.last_dim.divisor % 4 == 0;
 }
 
 // ---- per-module step counts ----

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "optim/group_table_check.h"
 #include "optim/masked_step_simd.h"
 #include "optim/optim_checks.h"
 
@@ -62,15 +63,12 @@ struct StepContext {
   int64_t num_modules;
   const int64_t* module_steps;  // (num_modules + 1,), counts before this step
   const int64_t* group_table;
-  const int64_t* layout_table;  // (T, 4)
+  std::vector<LayoutIndex> layouts;  // one per tensor, from the (T, 4) layout table
   bool has_scale;
   float grad_scale;
   bool maximize;
 
-  TensorLayout layout(int64_t t) const {
-    const int64_t* r = layout_table + 4 * t;
-    return {r[0], r[1], r[2], r[3]};
-  }
+  const LayoutIndex& layout(int64_t t) const { return layouts[t]; }
 };
 
 StepContext make_context(const at::Tensor& module_steps, const at::Tensor& module_mask,
@@ -81,20 +79,14 @@ StepContext make_context(const at::Tensor& module_steps, const at::Tensor& modul
   c.num_modules = module_mask.size(0);
   c.module_steps = module_steps.data_ptr<int64_t>();
   c.group_table = group_table.data_ptr<int64_t>();
-  c.layout_table = layout_table.data_ptr<int64_t>();
+  const int64_t* lt = layout_table.data_ptr<int64_t>();
+  for (int64_t t = 0; t < layout_table.size(0); ++t) {
+    c.layouts.push_back(make_layout_index({lt[4 * t], lt[4 * t + 1], lt[4 * t + 2], lt[4 * t + 3]}));
+  }
   c.has_scale = grad_scale.has_value();
   c.grad_scale = c.has_scale ? grad_scale->item<float>() : 1.f;
   c.maximize = maximize;
   return c;
-}
-
-// The CUDA kernels trust the group table (reading it would sync); here it is cheap to check.
-void check_group_table_cpu(const at::Tensor& group_table, int64_t num_modules) {
-  const int64_t* g = group_table.data_ptr<int64_t>();
-  for (int64_t i = 0; i < group_table.numel(); ++i) {
-    MAT_CHECK(g[i] >= 0 && g[i] <= num_modules, "group_table[", i, "] = ", g[i],
-              " is out of range [0, ", num_modules, "]");
-  }
 }
 
 bool step_skipped(const c10::optional<at::Tensor>& found_inf) {
@@ -102,14 +94,14 @@ bool step_skipped(const c10::optional<at::Tensor>& found_inf) {
 }
 
 // Calls fn(module, begin, end) for every maximal run of [begin, end) inside one active module.
-// Group boundaries fall every `span` flat elements for both row and column layouts.
+// The indexing is masked_step.h's, shared with the CUDA kernel.
 template <class Fn>
-void for_each_active_run(const StepContext& c, const TensorLayout& l, int64_t begin, int64_t end,
+void for_each_active_run(const StepContext& c, const LayoutIndex& l, int64_t begin, int64_t end,
                          Fn&& fn) {
   int64_t i = begin;
   while (i < end) {
     const int64_t m = element_module(l, c.group_table, i);
-    const int64_t stop = l.code == kLayoutWhole ? end : std::min(end, (i / l.span + 1) * l.span);
+    const int64_t stop = group_run_end(l, i, end);
     if (module_active(c.module_mask, c.num_modules, m)) fn(m, i, stop);
     i = stop;
   }
@@ -176,7 +168,7 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, module_steps,
                            module_mask, layout_table, group_table, grad_scale, found_inf);
   if (params.empty()) return;
-  check_group_table_cpu(group_table, module_mask.size(0));
+  ensure_group_table_valid(group_table, module_mask.size(0));
   if (step_skipped(found_inf)) return;
 
   const StepContext c = make_context(module_steps, module_mask, layout_table, group_table,
@@ -252,7 +244,7 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
   check_masked_step_inputs("masked_sgd_step_", params, grads, states, module_steps, module_mask,
                            layout_table, group_table, grad_scale, found_inf);
   if (params.empty()) return;
-  check_group_table_cpu(group_table, module_mask.size(0));
+  ensure_group_table_valid(group_table, module_mask.size(0));
   if (step_skipped(found_inf)) return;
 
   const StepContext c = make_context(module_steps, module_mask, layout_table, group_table,

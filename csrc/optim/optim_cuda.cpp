@@ -1,6 +1,7 @@
 // CUDA registration of the fused masked optimizer ops: the shared input checks, then the
 // launchers of masked_step.cu on the current stream (one multi-tensor launch per parameter dtype
-// present). Nothing here reads device memory on the host.
+// present). The only device read on the host is the group table's one-time check
+// (group_table_check.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +10,7 @@
 
 #include <vector>
 
+#include "optim/group_table_check.h"
 #include "optim/optim_checks.h"
 #include "optim/optim_launch.h"
 
@@ -75,6 +77,7 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                            {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, module_steps,
                            module_mask, layout_table, group_table, grad_scale, found_inf);
   if (params.empty()) return;
+  ensure_group_table_valid(group_table, module_mask.size(0));
   c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const MaskedStepDevicePtrs ptrs =
@@ -105,6 +108,7 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
   check_masked_step_inputs("masked_sgd_step_", params, grads, states, module_steps, module_mask,
                            layout_table, group_table, grad_scale, found_inf);
   if (params.empty()) return;
+  ensure_group_table_valid(group_table, module_mask.size(0));
   c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const MaskedStepDevicePtrs ptrs =
