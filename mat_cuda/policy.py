@@ -559,8 +559,7 @@ class MATPolicy:
 
     def probes_after_warmup(self, total_steps: int) -> int:
         """Probe steps in [warmup, total_steps): those at which the policy decides."""
-        first = -(-self.warmup // self.probe_every) * self.probe_every  # first multiple ≥ warmup
-        return 0 if first >= total_steps else (total_steps - 1 - first) // self.probe_every + 1
+        return MATPolicy._count(self.warmup, self.probe_every, total_steps)
 
     def schedule_warning(self, total_steps: Optional[int] = None) -> Optional[str]:
         """A message when warm-up, probe interval and run length leave fewer probes after warm-up
@@ -580,12 +579,21 @@ class MATPolicy:
         have, need = self.probes_after_warmup(run), self.probes_needed
         if have >= need:
             return None
-        after = max(run - self.warmup, 1)
-        every = max(1, after // need)
+        fix = "a shorter warm-up or a longer run"
+        # need probes span need − 1 intervals inside [warmup, run): every ≤ (run−1−warmup)/(need−1).
+        every = next((e for e in range(max(1, (run - 1 - self.warmup) // (need - 1)), 0, -1)
+                      if MATPolicy._count(self.warmup, e, run) >= need), None)
+        if every is not None:
+            fix = f"probe_every ≤ {every}, or {fix}"
         return (f"warmup={self.warmup} and probe_every={self.probe_every} give {have} probe(s) "
                 f"after warm-up in {run} steps{assumed}; the policy needs at least {need} "
                 f"(the temporal policy's scale and patience, or a decision and a revision) to "
-                f"mean anything: use probe_every ≤ {every}, a shorter warm-up or a longer run")
+                f"mean anything: use {fix}")
+
+    @staticmethod
+    def _count(warmup: int, every: int, total: int) -> int:
+        first = -(-warmup // every) * every  # the first multiple of every ≥ warmup
+        return 0 if first >= total else (total - 1 - first) // every + 1
 
     def step(self, step: int, lam: torch.Tensor) -> torch.Tensor:
         """Decide at a probe. step: the training step; lam: (M,) float λ of this probe.
