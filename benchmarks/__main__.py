@@ -177,9 +177,13 @@ def _run_robust(args) -> int:
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
     from .timing import environment
+    from .train.cli import parse_policy_options
 
+    policy = parse_policy_options(args.mat_policy)
+    methods = _choices(args.method, robust.METHODS, "--method")
     robust.run_robust(models, lengths, seeds, _out_dir(args.out), environment(),
-                      device=_train_device(args.device), progress=not args.no_progress)
+                      device=_train_device(args.device), progress=not args.no_progress,
+                      policy_options=policy, methods=methods)
     return 0
 
 
@@ -216,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated models among bert,gpt2,roberta,vit")
     p.add_argument("--length", default="short,long", help="comma-separated among short,long")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (paired)")
+    p.add_argument("--mat-policy", default=None,
+                   help="MAT's default policy with key=value,... changed (as in `train`)")
+    p.add_argument("--method", default="baseline,mat",
+                   help="comma-separated among baseline,mat (e.g. mat alone, to pair with "
+                        "baseline runs of an earlier invocation through --merge)")
     p.add_argument("--merge", nargs="+", default=None,
                    help="table the results folders of earlier `robust` invocations instead of "
                         "running")

@@ -43,20 +43,25 @@ def robust_config(length: str) -> dict:
 
 
 def run_robust(models: list, lengths: list, seeds: list, out: str, environment: dict,
-               device: str = "cpu", progress: bool = True) -> dict:
+               device: str = "cpu", progress: bool = True, policy_options: dict | None = None,
+               methods=METHODS) -> dict:
     """Run every (length, model, seed, method); results.json is rewritten after each run (an
-    interrupted invocation keeps what finished); robust.md holds the table."""
+    interrupted invocation keeps what finished); robust.md holds the table. policy_options:
+    MAT's default policy with these constants changed (``--mat-policy``; default: none)."""
     results = {"robust_schema": ROBUST_SCHEMA, "environment": environment,
                "config": {"device": device, "models": models, "lengths": lengths,
-                          "seeds": seeds, "methods": list(METHODS)},
+                          "seeds": seeds, "methods": list(methods),
+                          "mat_policy": policy_options or "default"},
                "length_configs": {n: robust_config(n) for n in lengths}, "runs": []}
     for length in lengths:
         cfg = robust_config(length)
         for model in models:
             for seed in seeds:
-                for method in METHODS:
-                    rec = run_one(MODELS[model], method, seed, cfg, device, progress=progress)
+                for method in methods:
+                    rec = run_one(MODELS[model], method, seed, cfg, device, progress=progress,
+                                  policy_options=policy_options if method == "mat" else None)
                     rec["length"], rec["model"] = length, model
+                    rec["mat_policy"] = (policy_options or "default") if method == "mat" else None
                     results["runs"].append(rec)
                     print(f"  {length:<5} {model:<8} {method:<8} seed {seed}: final val loss "
                           f"{rec['final_loss']:.4f}, {rec['total_flops'] / 1e9:.2f} GFLOP, "
@@ -90,6 +95,12 @@ def merge(paths: list) -> dict:
                 raise ValueError(f"{file}: length {length} ran with other settings than in an "
                                  "earlier file: runs are not comparable")
         for run in res["runs"]:
+            if run["method"] == "mat":
+                policy = json.dumps(run.get("mat_policy", "default"), sort_keys=True)
+                first = merged.setdefault("_policy", policy)
+                if policy != first:
+                    raise ValueError(f"{file}: mat ran with policy {policy}, an earlier file with "
+                                     f"{first}: merge one policy at a time")
             key = (run["length"], run["model"], run["method"], run["seed"])
             if key in seen:
                 raise ValueError(f"{file}: {key} also in {seen[key]}")
@@ -97,6 +108,7 @@ def merge(paths: list) -> dict:
             merged["runs"].append(run)
     if merged is None:
         raise ValueError("no results to merge")
+    merged["config"]["mat_policy"] = json.loads(merged.pop("_policy", '"default"'))
     return merged
 
 
@@ -141,7 +153,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# mat-bench robust: MAT's default policy vs plain AdamW on Hugging Face models", "",
         f"machine: {env.get('cpu')}, {env.get('gpu', 'no GPU')}; torch {env.get('torch')}; "
-        f"commit {env.get('commit')}", "",
+        f"commit {env.get('commit')}; MAT policy: {results['config'].get('mat_policy', 'default')}",
+        "",
         "| model | length | seeds | baseline final loss | MAT final loss | MAT − baseline (paired) "
         "| 95% CI | per seed | FLOPs saved (measured) | FLOPs saved (MAT analytic) "
         "| active fraction after warm-up | retired / modules | within baseline + 1 std |",
