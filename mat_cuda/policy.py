@@ -20,7 +20,13 @@ probe steps only, so this costs one synchronisation per probe.
 Every constant is a documented default; docs/policy.md gives the table and the evidence for each:
 measured on the benchmark suite (mode, α, hysteresis, min_dwell, relative_to_history, the
 temporal policy's start; ε and patience replayed on recorded λ) or kept at its reasoned value
-(ema_decay; centre, run on one seed only).
+(ema_decay; centre, run on one seed only; min_active, min_active_fraction and scale_probes, set
+against issue 15's failures and checked off the home benchmark, docs/robustness.md).
+
+Invariants (docs/policy.md, tested as properties in tests/test_policy_properties.py): a kind is
+never entirely frozen unless all its modules are retired; each kind keeps its minimum of active
+modules; retired modules leave the statistics; no module retires before 1 + scale_probes +
+patience probes after warm-up, and a collapse cannot set the temporal scale.
 """
 from __future__ import annotations
 
