@@ -506,8 +506,8 @@ class MATPolicy:
     Call :meth:`step` at every probe step (``is_probe(step)``) with that probe's λ; it returns the
     mask to use until the next probe: all True during warm-up (``step < warmup``), afterwards
     ``modular.update(λ, exclude=retired)`` with the temporal policy's retired modules excluded.
-    The temporal policy sees the probes from the end of warm-up on (λ_0, λ_1 are the first two
-    probes at step ≥ warmup): at the first probe λ drops from its initial value by up to four
+    The temporal policy sees the probes from the end of warm-up on (λ_0 is the first probe at
+    step ≥ warmup; its scale comes from the trained intervals after it): at the first probe λ drops from its initial value by up to four
     decades and then grows back during warm-up (measured on the benchmark's mlm task,
     docs/policy.md), so warm-up intervals would both set a meaningless scale d_m and retire
     modules whose λ sat near 0 for two probes.
