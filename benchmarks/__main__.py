@@ -8,6 +8,9 @@ Subcommands:
             the quick start use, under 5 minutes on 2 CPU cores)
   report    merge the results of several `train` invocations (e.g. seeds or methods run in
             parallel) into one summary and one set of plots
+  robust    MAT's default policy vs plain AdamW on Hugging Face BERT, GPT-2, RoBERTa and ViT
+            (tiny configs, random init), short and long runs, 3 seeds: the robustness table
+            (benchmarks/train/robust.py); `--merge DIR...` tables earlier invocations
 
 Each kernel benchmark is a module ``benchmarks/bench_<name>.py`` with
 ``run(devices: list[str], quick: bool) -> dict`` returning
@@ -125,6 +128,8 @@ def _run(args, parser) -> int:
     from .train.methods import MethodError
 
     try:
+        if args.command == "robust":
+            return _run_robust(args)
         if args.command == "report":
             merged = merge_results(args.results)  # checked before anything is written
             write_report(merged, _out_dir(args.out))
@@ -152,6 +157,46 @@ def _run(args, parser) -> int:
         return 2
 
 
+def _run_robust(args) -> int:
+    from .train.cli import UsageError
+    from .train import robust
+
+    if args.merge:
+        try:
+            merged = robust.merge(args.merge)
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        robust.finish(merged, _out_dir(args.out))
+        return 0
+    models = _choices(args.model, robust.MODELS, "--model")
+    lengths = _choices(args.length, robust.LENGTHS, "--length")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
+    from .timing import environment
+    from .train.cli import parse_policy_options
+
+    policy = parse_policy_options(args.mat_policy)
+    methods = _choices(args.method, robust.METHODS, "--method")
+    robust.run_robust(models, lengths, seeds, _out_dir(args.out), environment(),
+                      device=_train_device(args.device), progress=not args.no_progress,
+                      policy_options=policy, methods=methods)
+    return 0
+
+
+def _choices(text: str, allowed, what: str) -> list:
+    from .train.cli import UsageError
+
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise UsageError(f"{what}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mat-bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +214,25 @@ def main(argv: list[str] | None = None) -> int:
                            help=f"comma-separated subset of {','.join(KERNEL_BENCHES)}")
         else:
             add_train_args(p, quick_defaults=cmd == "all")
+    p = sub.add_parser("robust", help="MAT's default vs plain AdamW on HF models, short and "
+                                      "long runs (the robustness table)")
+    p.add_argument("--model", default="bert,gpt2,roberta,vit",
+                   help="comma-separated models among bert,gpt2,roberta,vit")
+    p.add_argument("--length", default="short,long", help="comma-separated among short,long")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (paired)")
+    p.add_argument("--mat-policy", default=None,
+                   help="MAT's default policy with key=value,... changed (as in `train`)")
+    p.add_argument("--method", default="baseline,mat",
+                   help="comma-separated among baseline,mat (e.g. mat alone, to pair with "
+                        "baseline runs of an earlier invocation through --merge)")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="table the results folders of earlier `robust` invocations instead of "
+                        "running")
+    p.add_argument("--out", default=None, help="output folder (default: a fresh timestamped "
+                                               "folder under ./mat-bench-results)")
+    p.add_argument("--device", action="append", choices=["cpu", "cuda"], default=None,
+                   help="train on this device (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("report", help="merge several `train` results into one summary")
     p.add_argument("results", nargs="+",
                    help="results folders (or results.json files) of `mat-bench train` runs")

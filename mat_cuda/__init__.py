@@ -13,7 +13,7 @@ from .mntk import MNTKProbe
 from .modules import ModuleMap
 from .nn import Skipper
 from .optim import MaskedAdamW, MaskedSGD
-from .policy import MATPolicy, ModularPolicy, Policy, TemporalPolicy
+from .policy import MATPolicy, ModularPolicy, Policy, PolicyScheduleWarning, TemporalPolicy
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,6 @@ __all__ = [
     "linear_gram_", "embedding_gram_", "sample_gram_", "MNTKProbe",
     # MAT and its building blocks
     "MAT", "CompiledModel", "compile_model",
-    "MATPolicy", "ModularPolicy", "Policy", "TemporalPolicy",
+    "MATPolicy", "ModularPolicy", "Policy", "PolicyScheduleWarning", "TemporalPolicy",
     "AttentionSpec", "Discovery", "FFNSpec", "discover", "resolve_modules", "Skipper",
 ]

@@ -74,6 +74,7 @@ whole-batch probe; the policy's constants and the evidence for them: docs/policy
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -86,7 +87,7 @@ from .mntk import LOSS_REDUCTIONS, MODES, MNTKProbe
 from .modules import ModuleMap
 from .nn import Skipper
 from .optim import MaskedAdamW, MaskedSGD, _MaskedOptimizer
-from .policy import MATPolicy
+from .policy import MATPolicy, PolicyScheduleWarning
 
 __all__ = ["MAT", "DEFAULT_PROBE_EVERY", "DEFAULT_WARMUP"]
 
@@ -143,6 +144,10 @@ class MAT:
         lanczos_iters: Lanczos budget (default ``min(p, 32)``).
         process_group: the group λ is all-reduced over (default: the world, when
             torch.distributed is initialised with more than one rank).
+        total_steps: the run's optimizer steps, when known. Used only to check the schedule:
+            MAT warns (``PolicyScheduleWarning``) at construction when warm-up, probe interval
+            and run length leave the policy fewer probes than it needs
+            (``MATPolicy.schedule_warning``; without total_steps a run of 5 × warmup is assumed).
 
     Attributes: ``optimizer``, ``policy``, ``probe`` (MNTKProbe), ``skipper``, ``discovery``,
     ``module_map``, ``step_count`` (optimizer steps taken).
@@ -155,7 +160,7 @@ class MAT:
                  projections: int = 4, backward: str = "detach", loss_reduction: str = "mean",
                  scaler: Optional[torch.amp.GradScaler] = None, accumulation_steps: int = 1,
                  kinds: Iterable[str] = MAT_DEFAULT_KINDS, lanczos_iters: Optional[int] = None,
-                 process_group=None):
+                 process_group=None, total_steps: Optional[int] = None):
         _check_kernel(kernel, probe_inputs, probe_forward, probe_size)
         if backward not in _BACKWARD_MODES:
             raise ValueError(f"MAT: backward must be one of {_BACKWARD_MODES}, got {backward!r}")
@@ -181,6 +186,7 @@ class MAT:
         self.optimizer = _masked_optimizer(optimizer, mm)
         self.device = self.optimizer._device
         self.policy = _make_policy(policy, mm, probe_every, warmup)
+        _warn_schedule(self.policy, total_steps)
         self.kernel, self.probe_inputs, self.probe_forward = kernel, probe_inputs, probe_forward
         self.probe = MNTKProbe(self.inner, mm, kernel, loss_reduction=loss_reduction,
                                probe_size=probe_size, projections=projections,
@@ -548,6 +554,15 @@ def _make_policy(policy, mm: ModuleMap, probe_every, warmup) -> MATPolicy:
                          f"kinds {sorted(set(mm.kinds))}; build it with MATPolicy(mat.module_map"
                          ".kinds) (or module_map.kinds of the same map)")
     return policy
+
+
+def _warn_schedule(policy: MATPolicy, total_steps: Optional[int]) -> None:
+    try:
+        message = policy.schedule_warning(total_steps)
+    except ValueError as e:
+        raise ValueError(f"MAT: {e}") from None
+    if message:
+        warnings.warn(f"MAT: {message}", PolicyScheduleWarning, stacklevel=3)
 
 
 def _masked_optimizer(optimizer, mm: ModuleMap) -> _MaskedOptimizer:

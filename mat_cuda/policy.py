@@ -20,7 +20,13 @@ probe steps only, so this costs one synchronisation per probe.
 Every constant is a documented default; docs/policy.md gives the table and the evidence for each:
 measured on the benchmark suite (mode, α, hysteresis, min_dwell, relative_to_history, the
 temporal policy's start; ε and patience replayed on recorded λ) or kept at its reasoned value
-(ema_decay; centre, run on one seed only).
+(ema_decay; centre, run on one seed only; min_active, min_active_fraction and scale_probes, set
+against issue 15's failures and checked off the home benchmark, docs/robustness.md).
+
+Invariants (docs/policy.md, tested as properties in tests/test_policy_properties.py): a kind is
+never entirely frozen unless all its modules are retired; each kind keeps its minimum of active
+modules; retired modules leave the statistics; no module retires before 1 + scale_probes +
+patience probes after warm-up, and a collapse cannot set the temporal scale.
 """
 from __future__ import annotations
 
@@ -29,12 +35,21 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["Policy", "ModularPolicy", "TemporalPolicy", "MATPolicy", "check_lambda"]
+__all__ = ["Policy", "ModularPolicy", "TemporalPolicy", "MATPolicy", "PolicyScheduleWarning",
+           "check_lambda"]
 
 # Internal state is float64 whatever λ's dtype: ratios of λ never overflow or lose ties.
 _STATE_DTYPE = torch.float64
 
 _DEFAULT = object()  # MATPolicy(temporal=...) not given: a default TemporalPolicy
+
+# Defaults that guard against starvation (docs/policy.md, "Invariants", gives the reasons).
+DEFAULT_MIN_ACTIVE_FRACTION = 0.25  # ModularPolicy: ≥ ceil(25%) of a kind's unretired modules
+DEFAULT_SCALE_PROBES = 5  # TemporalPolicy: d_m = median |Δλ| of the first 5 trained intervals
+
+
+class PolicyScheduleWarning(UserWarning):
+    """Warm-up, probe interval and run length leave the policy too few probes to mean anything."""
 
 
 def _module_names(kinds: Sequence[str], names: Optional[Sequence[str]]) -> list[str]:
@@ -143,8 +158,15 @@ class ModularPolicy(Policy):
       - ``min_dwell``: a module that switched state must stay ``min_dwell`` probes in its new
         state before switching again (1 = no constraint). In budget mode locked modules keep
         their state and the count stays exactly K.
-    Excluded modules (``exclude``, e.g. retired by the temporal policy) are always inactive; they
-    still count in the centre (their λ is still measured).
+    Excluded modules (``exclude``, e.g. retired by the temporal policy) are always inactive and
+    leave the statistics: the centre, the zero-reference fallback and the ranking are computed
+    over the kind's other modules only, so an excluded module's λ changes nobody's decision.
+
+    Minimum per kind (the policy never starves a kind): after the decision above, each kind has
+    at least K_min = min(E_k, max(``min_active``, ceil(``min_active_fraction``·E_k))) active
+    modules, E_k = its modules not excluded. When fewer passed, the frozen ones with the largest
+    score are activated (ties: lower index), overriding ``min_dwell``. So a kind is entirely
+    frozen only when all its modules are excluded (retired).
 
     A frozen module that becomes active again is a re-entry; ``reentries`` counts them per module.
 
@@ -159,6 +181,10 @@ class ModularPolicy(Policy):
         min_dwell: probes a module stays in a state after switching (default 1 = no constraint).
         relative_to_history: None, "warmup" or "ema" (see Score).
         ema_decay: β in [0, 1) of the EMA reference (default 0.9, about 10 probes of memory).
+        min_active: the fewest active modules per kind, integer ≥ 1 (default 1; capped at the
+            kind's modules not excluded).
+        min_active_fraction: f in [0, 1], the fewest active modules per kind as a fraction of
+            its modules not excluded, rounded up (default 0.25; see "Minimum per kind").
         names: module names for error messages (default "kind[index]").
     """
 
@@ -173,6 +199,8 @@ class ModularPolicy(Policy):
         min_dwell: int = 1,
         relative_to_history: Optional[str] = None,
         ema_decay: float = 0.9,
+        min_active: int = 1,
+        min_active_fraction: float = DEFAULT_MIN_ACTIVE_FRACTION,
         names: Optional[Sequence[str]] = None,
     ):
         super().__init__(kinds, names)
@@ -192,6 +220,11 @@ class ModularPolicy(Policy):
             raise ValueError(f"relative_to_history must be None, 'warmup' or 'ema', got {relative_to_history!r}")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if isinstance(min_active, bool) or int(min_active) != min_active or min_active < 1:
+            raise ValueError(f"min_active must be an integer ≥ 1, got {min_active}")
+        if not 0 <= min_active_fraction <= 1:
+            raise ValueError(f"min_active_fraction must be in [0, 1], got {min_active_fraction}")
+        self.min_active, self.min_active_fraction = int(min_active), float(min_active_fraction)
         self.mode, self.alpha, self.centre = mode, float(alpha), centre
         self.budget, self.hysteresis, self.min_dwell = float(budget), float(hysteresis), int(min_dwell)
         self.relative_to_history, self.ema_decay = relative_to_history, float(ema_decay)
@@ -223,29 +256,47 @@ class ModularPolicy(Policy):
         self.reentries = torch.zeros(m, dtype=torch.int64, device=dev)
         self.reference = lam.clone() if self.relative_to_history is not None else None
 
-    def score(self, lam: torch.Tensor) -> torch.Tensor:
-        """(M,) float64 score compared within each kind; lam: (M,) float64 (validated)."""
+    def score(self, lam: torch.Tensor, include: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(M,) float64 score compared within each kind; lam: (M,) float64 (validated);
+        include: (M,) bool, the modules whose references may stand in for a zero reference
+        (default all; the excluded ones' never do)."""
         if self.reference is None:
             return lam
         ref = self.reference
+        inc = torch.ones_like(ref, dtype=torch.bool) if include is None else include
         safe = ref.clone()
         for idx in self._group_indices(ref.device).values():
-            r = ref[idx]
+            r = torch.where(inc[idx], ref[idx], torch.zeros_like(ref[idx]))
             fallback = torch.where(r.max() > 0, r.max(), torch.ones_like(r.max()))
-            safe[idx] = torch.where(r > 0, r, fallback)
+            safe[idx] = torch.where(ref[idx] > 0, ref[idx], fallback)
         return lam / safe
 
-    def kind_centre(self, s: torch.Tensor) -> torch.Tensor:
-        """Robust centre of one kind's scores s (M_k,) float64 -> () float64, no host read."""
+    def kind_centre(self, s: torch.Tensor, include: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Robust centre of one kind's scores s (M_k,) float64 over the modules ``include``
+        (M_k,) bool marks (default all) -> () float64, 0 when none is included; no host read."""
+        if include is None:
+            include = torch.ones_like(s, dtype=torch.bool)
+        n = include.sum()
         if self.centre == "median":
-            srt = torch.sort(s).values
-            n = s.shape[0]
-            return 0.5 * (srt[(n - 1) // 2] + srt[n // 2])
-        positive = s > 0
+            # Excluded scores sort last; the middle of the first n is the included median.
+            srt = torch.sort(torch.where(include, s, torch.full_like(s, math.inf))).values
+            lo = ((n - 1).clamp_min(0) // 2).view(1)
+            hi = (n // 2).clamp_max(s.shape[0] - 1).view(1)
+            med = 0.5 * (srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0)
+            return torch.where(n > 0, med, torch.zeros_like(med))
+        positive = (s > 0) & include
         logs = torch.where(positive, torch.log(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
         count = positive.sum()
         g = torch.exp(logs.sum() / count.clamp_min(1))
         return torch.where(count > 0, g, torch.zeros_like(g))
+
+    def min_active_count(self, eligible: torch.Tensor) -> torch.Tensor:
+        """K_min of one kind: eligible (M_k,) bool -> () int64, min(E, max(min_active,
+        ceil(min_active_fraction·E))), E = eligible.sum() (rounded to 9 decimals before the
+        ceiling, like budget_count)."""
+        e = eligible.sum()
+        frac = torch.ceil(torch.round(e.to(_STATE_DTYPE) * self.min_active_fraction, decimals=9))
+        return torch.minimum(e, frac.to(torch.int64).clamp_min(self.min_active))
 
     def _propose(self, s: torch.Tensor, eligible: torch.Tensor, locked: torch.Tensor) -> torch.Tensor:
         """Next mask from scores s (M,), eligible (M,) bool, locked (M,) bool (keep state)."""
@@ -253,14 +304,14 @@ class ModularPolicy(Policy):
         new = torch.zeros_like(active)
         h = self.hysteresis
         for kind, idx in self._group_indices(s.device).items():
-            sk, ak, lk = s[idx], active[idx], locked[idx]
+            sk, ak, lk, ek = s[idx], active[idx], locked[idx], eligible[idx]
             if self.mode == "ratio":
-                c = self.kind_centre(sk)
+                c = self.kind_centre(sk, ek)
                 stay = sk >= self.alpha * (1 - h) * c
                 enter = sk >= self.alpha * (1 + h) * c
                 proposal = torch.where(ak, stay, enter)
                 proposal = torch.where(c > 0, proposal, ak)
-                new[idx] = torch.where(lk, ak, proposal)
+                chosen = torch.where(lk, ak, proposal) & ek
             else:
                 # Scores are ≥ 0, so negative values rank below every unlocked eligible module.
                 # Locked active modules rank first, excluded ones next to last and locked frozen
@@ -270,12 +321,25 @@ class ModularPolicy(Policy):
                 eff = torch.where(ak, sk * (1 + h), sk)
                 eff = torch.where(lk & ak, math.inf, eff)
                 eff = torch.where(lk & ~ak, -2.0, eff)
-                eff = torch.where(eligible[idx], eff, -1.0)
+                eff = torch.where(ek, eff, -1.0)
                 order = torch.sort(eff, descending=True, stable=True).indices
                 chosen = torch.zeros_like(ak)
                 chosen[order[: self.budget_count(kind)]] = True
-                new[idx] = chosen
-        return new & eligible
+                chosen = chosen & ek
+            new[idx] = self._top_up(chosen, sk, ek)
+        return new
+
+    def _top_up(self, chosen: torch.Tensor, s: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        """One kind's mask with the minimum enforced: chosen, s, eligible (M_k,) -> (M_k,) bool.
+        The eligible frozen modules with the largest scores (ties: lower index) are added until
+        min_active_count(eligible) are active. No host read."""
+        need = (self.min_active_count(eligible) - chosen.sum()).clamp_min(0)
+        candidates = eligible & ~chosen
+        key = torch.where(candidates, s, torch.full_like(s, -1.0))  # scores are ≥ 0
+        order = torch.sort(key, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.shape[0], device=order.device)
+        return chosen | (candidates & (rank < need))
 
     def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at one probe. lam: (M,) float (any float dtype, any device); exclude: (M,) bool
@@ -284,7 +348,7 @@ class ModularPolicy(Policy):
         if self.active is None:
             self._init_state(lam)
         eligible = torch.ones_like(self.active) if exclude is None else ~exclude.to(self.active.device)
-        s = self.score(lam)
+        s = self.score(lam, eligible)
         # dwell: probe intervals spent in the current state, this one included (0 right after a
         # switch, so a module that switched at the last probe has dwell 1 now).
         dwell = self.dwell + 1
@@ -319,15 +383,20 @@ class ModularPolicy(Policy):
 class TemporalPolicy(_PerKind):
     """Retires modules whose λ has stopped moving (DESIGN "Temporal policy").
 
-    At each probe t, for a module trained since the previous probe:
-        r_m = |λ_t − λ_{t−1}| / d_m,   d_m = |λ_1 − λ_0|
-    and the module is retired after ``patience`` consecutive trained intervals with r_m < ε.
-    Retirement is permanent. Intervals in which the module was frozen neither count nor reset
-    the streak: a frozen module's λ stays put because it is not trained, not because it converged.
+    Scale. A module's scale d_m is the median of |λ_t − λ_{t−1}| over its first
+    ``scale_probes`` trained intervals (W; for even W the mean of the two middle values), not its
+    first movement alone: λ can collapse by decades between two probes (measured on GPT-2 right
+    after warm-up, issue 15), and a scale set by that one movement makes every later movement
+    look like zero. The median of W intervals ignores up to ⌈W/2⌉ − 1 such outliers.
 
-    d_m = 0 (λ_1 == λ_0, no scale to compare against): d_m becomes the first non-zero change of
-    a trained interval seen later; while d_m is still 0, r_m = 0 (λ has been exactly constant: it
-    has stopped moving by any standard, e.g. a dead expert with λ = 0 always).
+    Retirement. Once d_m is set, at each probe t, for a module trained since the previous probe:
+        r_m = |λ_t − λ_{t−1}| / d_m
+    and the module is retired after ``patience`` consecutive trained intervals with r_m < ε
+    (the intervals that set the scale do not count, so no module retires before its
+    (W + patience)-th trained interval). Retirement is permanent. Intervals in which the module
+    was frozen neither count nor reset anything: a frozen module's λ stays put because it is not
+    trained, not because it converged. d_m = 0 (λ exactly constant over most of the W intervals,
+    e.g. a dead expert with λ = 0 always): r_m = 0 when λ did not move, ∞ when it did.
 
     When every module of a kind is retired, that kind has converged (``converged_kinds``);
     ``should_stop`` is True when all kinds have. Both read the device (host sync).
@@ -336,28 +405,38 @@ class TemporalPolicy(_PerKind):
     meaningful, and ``patience`` guards against a single lucky small difference.
 
     A replacement for :class:`MATPolicy` needs the same ``kinds``, ``update(lam, trained)``,
-    ``retired``, ``converged_kinds()``, ``should_stop()``, ``state_dict()`` and
-    ``load_state_dict()``.
+    ``retired``, ``converged_kinds()``, ``should_stop()``, ``probes_to_retire``,
+    ``state_dict()`` and ``load_state_dict()``.
 
     Args:
         kinds: kind of each module, length M.
         eps: ε, retirement threshold on r_m (default 0.05).
         patience: consecutive trained intervals below ε before retiring (default 2).
+        scale_probes: W, trained intervals whose median movement is the scale (default 5).
         names: module names for error messages.
     """
 
     def __init__(self, kinds: Sequence[str], eps: float = 0.05, patience: int = 2,
-                 names: Optional[Sequence[str]] = None):
+                 scale_probes: int = DEFAULT_SCALE_PROBES, names: Optional[Sequence[str]] = None):
         super().__init__(kinds, names)
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        if int(patience) != patience or patience < 1:
+        if isinstance(patience, bool) or int(patience) != patience or patience < 1:
             raise ValueError(f"patience must be an integer ≥ 1, got {patience}")
-        self.eps, self.patience = float(eps), int(patience)
+        if isinstance(scale_probes, bool) or int(scale_probes) != scale_probes or scale_probes < 1:
+            raise ValueError(f"scale_probes must be an integer ≥ 1, got {scale_probes}")
+        self.eps, self.patience, self.scale_probes = float(eps), int(patience), int(scale_probes)
         self.previous: Optional[torch.Tensor] = None  # (M,) float64, λ at the last probe
-        self.scale: Optional[torch.Tensor] = None  # (M,) float64, d_m (0 until the module moved)
+        self.moves: Optional[torch.Tensor] = None  # (M, W) float64, the first W trained |Δλ|
+        self.seen: Optional[torch.Tensor] = None  # (M,) int64, trained intervals so far (≤ W)
+        self.scale: Optional[torch.Tensor] = None  # (M,) float64, d_m (valid where seen == W)
         self.streak: Optional[torch.Tensor] = None  # (M,) int64, consecutive trained r < ε
         self.retired: Optional[torch.Tensor] = None  # (M,) bool
+
+    @property
+    def probes_to_retire(self) -> int:
+        """The fewest probes (λ_0 included) before a module can retire: 1 + W + patience."""
+        return 1 + self.scale_probes + self.patience
 
     def update(self, lam: torch.Tensor, trained: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Record one probe. lam: (M,) float; trained: (M,) bool, modules trained since the last
@@ -366,16 +445,31 @@ class TemporalPolicy(_PerKind):
         m, dev = self.num_modules, lam.device
         if self.previous is None:
             self.previous = lam.clone()
+            self.moves = torch.zeros(m, self.scale_probes, dtype=_STATE_DTYPE, device=dev)
+            self.seen = torch.zeros(m, dtype=torch.int64, device=dev)
             self.scale = torch.zeros(m, dtype=_STATE_DTYPE, device=dev)
             self.streak = torch.zeros(m, dtype=torch.int64, device=dev)
             self.retired = torch.zeros(m, dtype=torch.bool, device=dev)
             return self.retired.clone()
         trained = torch.ones(m, dtype=torch.bool, device=dev) if trained is None else trained.to(dev)
         delta = (lam - self.previous).abs()
-        self.scale = torch.where((self.scale == 0) & trained, delta, self.scale)
-        ratio = torch.where(self.scale > 0, delta / torch.where(self.scale > 0, self.scale, 1.0), 0.0)
+        w = self.scale_probes
+        had_scale = self.seen >= w
+        # Collect: a trained interval before the scale is set fills the module's next slot.
+        filling = trained & ~had_scale
+        slot = torch.nn.functional.one_hot(self.seen.clamp_max(w - 1), w).bool() & filling[:, None]
+        self.moves = torch.where(slot, delta[:, None], self.moves)
+        self.seen = self.seen + filling.to(torch.int64)
+        srt = torch.sort(self.moves, dim=1).values
+        median = 0.5 * (srt[:, (w - 1) // 2] + srt[:, w // 2])
+        self.scale = torch.where(self.seen >= w, median, self.scale)
+        # Judge: only intervals after the scale was set (not the ones that set it).
+        safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
+        ratio = torch.where(self.scale > 0, delta / safe,
+                            torch.where(delta > 0, math.inf, 0.0))
+        counted = trained & had_scale
         below = ratio < self.eps
-        self.streak = torch.where(trained, torch.where(below, self.streak + 1, 0), self.streak)
+        self.streak = torch.where(counted, torch.where(below, self.streak + 1, 0), self.streak)
         self.retired = self.retired | (self.streak >= self.patience)
         self.previous = lam.clone()
         return self.retired.clone()
@@ -393,13 +487,17 @@ class TemporalPolicy(_PerKind):
 
     def state_dict(self) -> dict:
         t = lambda x: None if x is None else x.clone()  # noqa: E731
-        return {"previous": t(self.previous), "scale": t(self.scale), "streak": t(self.streak),
-                "retired": t(self.retired)}
+        return {"previous": t(self.previous), "moves": t(self.moves), "seen": t(self.seen),
+                "scale": t(self.scale), "streak": t(self.streak), "retired": t(self.retired)}
 
     def load_state_dict(self, state: dict) -> None:
         t = lambda x: None if x is None else x.clone()  # noqa: E731
-        self.previous, self.scale = t(state["previous"]), t(state["scale"])
-        self.streak, self.retired = t(state["streak"]), t(state["retired"])
+        if "moves" not in state:
+            raise ValueError("TemporalPolicy.load_state_dict: the state has no 'moves' (it was "
+                             "saved by a version whose scale was the first movement alone); "
+                             "it cannot be resumed with the median-of-W scale")
+        self.previous, self.moves, self.seen = t(state["previous"]), t(state["moves"]), t(state["seen"])
+        self.scale, self.streak, self.retired = t(state["scale"]), t(state["streak"]), t(state["retired"])
 
 
 class MATPolicy:
@@ -408,11 +506,15 @@ class MATPolicy:
     Call :meth:`step` at every probe step (``is_probe(step)``) with that probe's λ; it returns the
     mask to use until the next probe: all True during warm-up (``step < warmup``), afterwards
     ``modular.update(λ, exclude=retired)`` with the temporal policy's retired modules excluded.
-    The temporal policy sees the probes from the end of warm-up on (λ_0, λ_1 are the first two
-    probes at step ≥ warmup): at the first probe λ drops from its initial value by up to four
+    The temporal policy sees the probes from the end of warm-up on (λ_0 is the first probe at
+    step ≥ warmup; its scale comes from the trained intervals after it): at the first probe λ drops from its initial value by up to four
     decades and then grows back during warm-up (measured on the benchmark's mlm task,
     docs/policy.md), so warm-up intervals would both set a meaningless scale d_m and retire
     modules whose λ sat near 0 for two probes.
+
+    :meth:`schedule_warning` says when warm-up and probe interval (and the run length, when
+    known) leave fewer probes after warm-up than :attr:`probes_needed`; ``MAT`` warns at
+    construction (:class:`PolicyScheduleWarning`).
 
     Args:
         kinds: kind of each module, length M.
@@ -450,6 +552,54 @@ class MATPolicy:
     def is_probe(self, step: int) -> bool:
         """Whether `step` is a probe step (a multiple of probe_every)."""
         return step % self.probe_every == 0
+
+    @property
+    def probes_needed(self) -> int:
+        """Probes after warm-up (the first at step ≥ warmup included) the policy needs to mean
+        anything: the temporal policy's ``probes_to_retire`` (λ_0, the W intervals of its scale,
+        ``patience`` intervals to retire; 8 by default); 2 without a temporal policy (a decision
+        and one chance to revise it)."""
+        if self.temporal is None:
+            return 2
+        return max(2, int(getattr(self.temporal, "probes_to_retire", 2)))
+
+    def probes_after_warmup(self, total_steps: int) -> int:
+        """Probe steps in [warmup, total_steps): those at which the policy decides."""
+        return MATPolicy._count(self.warmup, self.probe_every, total_steps)
+
+    def schedule_warning(self, total_steps: Optional[int] = None) -> Optional[str]:
+        """A message when warm-up, probe interval and run length leave fewer probes after warm-up
+        than :attr:`probes_needed`, else None. total_steps: the run's optimizer steps; when None,
+        the run is taken to be 5 × warmup (warm-up ≈ 20% of the run, the documented advice), and
+        warmup = 0 cannot be judged (None)."""
+        if total_steps is not None:
+            if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps < 1:
+                raise ValueError(f"total_steps must be an integer ≥ 1, got {total_steps}")
+            run, assumed = int(total_steps), ""
+        elif self.warmup == 0:
+            return None
+        else:
+            run = 5 * self.warmup
+            assumed = (f" (a run of 5 × warmup = {run} steps assumed, warm-up ≈ 20% of the run; "
+                       "pass total_steps to check the real length)")
+        have, need = self.probes_after_warmup(run), self.probes_needed
+        if have >= need:
+            return None
+        fix = "a shorter warm-up or a longer run"
+        # need probes span need − 1 intervals inside [warmup, run): every ≤ (run−1−warmup)/(need−1).
+        every = next((e for e in range(max(1, (run - 1 - self.warmup) // (need - 1)), 0, -1)
+                      if MATPolicy._count(self.warmup, e, run) >= need), None)
+        if every is not None:
+            fix = f"probe_every ≤ {every}, or {fix}"
+        return (f"warmup={self.warmup} and probe_every={self.probe_every} give {have} probe(s) "
+                f"after warm-up in {run} steps{assumed}; the policy needs at least {need} "
+                f"(the temporal policy's scale and patience, or a decision and a revision) to "
+                f"mean anything: use {fix}")
+
+    @staticmethod
+    def _count(warmup: int, every: int, total: int) -> int:
+        first = -(-warmup // every) * every  # the first multiple of every ≥ warmup
+        return 0 if first >= total else (total - 1 - first) // every + 1
 
     def step(self, step: int, lam: torch.Tensor) -> torch.Tensor:
         """Decide at a probe. step: the training step; lam: (M,) float λ of this probe.

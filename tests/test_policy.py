@@ -44,7 +44,8 @@ def test_steps_must_increase(device):
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 1.5])
 def test_ratio_median_threshold(device, alpha):
     lam = [1.0, 2.0, 3.0, 4.0, 10.0]  # median 3; hysteresis 0 so the threshold is exactly α·3
-    pol = ModularPolicy(["h"] * 5, alpha=alpha, hysteresis=0.0)
+    # The threshold alone: no per-kind minimum beyond one module (tested separately).
+    pol = ModularPolicy(["h"] * 5, alpha=alpha, hysteresis=0.0, min_active_fraction=0.0)
     got = mask_list(pol.update(lam_of(lam, device)))
     assert got == [v >= alpha * 3.0 for v in lam]
 
@@ -110,7 +111,8 @@ def test_zero_lambda(device):
 @pytest.mark.parametrize("m,rho", [(1, 0.5), (4, 0.5), (7, 0.3), (10, 0.3), (12, 0.25), (5, 1.0), (9, 0.01)])
 def test_budget_keeps_ceil_of_fraction(device, m, rho):
     kinds = ["head"] * m + ["ffn"] * (m + 3)
-    pol = ModularPolicy(kinds, mode="budget", budget=rho, hysteresis=0.0)
+    # The budget alone: no per-kind minimum beyond one module (the minimum's own test below).
+    pol = ModularPolicy(kinds, mode="budget", budget=rho, hysteresis=0.0, min_active_fraction=0.0)
     for _ in range(5):
         lam = torch.rand(len(kinds), device=device)
         mask = pol.update(lam)
@@ -210,8 +212,10 @@ def test_relative_to_ema_lets_frozen_modules_compete(device):
 # ---------------------------------------------------------------- temporal policy
 
 def test_temporal_retirement_and_convergence(device):
+    # scale_probes=1: the scale is the first trained movement (the median of one), the paper's
+    # |λ_1 − λ_0|; the median over several intervals has its own tests below.
     kinds = ["head", "head", "ffn"]
-    pol = TemporalPolicy(kinds, eps=0.1, patience=2)
+    pol = TemporalPolicy(kinds, eps=0.1, patience=2, scale_probes=1)
     seq = [
         [1.0, 1.0, 1.0],
         [2.0, 2.0, 3.0],   # reference moves d = 1, 1, 2
@@ -230,7 +234,7 @@ def test_temporal_retirement_and_convergence(device):
 
 
 def test_temporal_streak_resets_and_frozen_intervals_do_not_count(device):
-    pol = TemporalPolicy(["h", "h"], eps=0.1, patience=2)
+    pol = TemporalPolicy(["h", "h"], eps=0.1, patience=2, scale_probes=1)
     pol.update(lam_of([0.0, 0.0], device))
     pol.update(lam_of([1.0, 1.0], device))
     pol.update(lam_of([1.01, 1.01], device))  # both below once
@@ -240,23 +244,56 @@ def test_temporal_streak_resets_and_frozen_intervals_do_not_count(device):
     assert mask_list(pol.update(lam_of([1.5, 1.01], device))) == [False, True]
 
 
-def test_temporal_zero_initial_change(device):
-    pol = TemporalPolicy(["h"] * 3, eps=0.1, patience=1)
+def test_temporal_zero_scale(device):
+    pol = TemporalPolicy(["h"] * 3, eps=0.1, patience=1, scale_probes=1)
     pol.update(lam_of([0.0, 1.0, 2.0], device))
-    # λ_1 == λ_0 for modules 0 and 1: no scale, constant λ counts as stopped (e.g. dead expert).
-    assert mask_list(pol.update(lam_of([0.0, 1.0, 3.0], device))) == [True, True, False]
-    pol = TemporalPolicy(["h"], eps=0.1, patience=1)
+    # λ_1 == λ_0 for modules 0 and 1: scale 0. No scale to compare with: λ that does not move
+    # at all has stopped (e.g. a dead expert, λ = 0 always), λ that moves has not.
+    assert mask_list(pol.update(lam_of([0.0, 1.0, 3.0], device))) == [False, False, False]
+    assert pol.scale.tolist() == [0.0, 0.0, 1.0]
+    assert mask_list(pol.update(lam_of([0.0, 1.5, 3.05], device))) == [True, False, True]
+    # Frozen intervals neither fill the scale window nor count.
+    pol = TemporalPolicy(["h"], eps=0.1, patience=1, scale_probes=2)
     pol.update(lam_of([1.0], device))
     pol.update(lam_of([1.0], device), trained=torch.tensor([False], device=device))
-    # The scale is the first non-zero change of a trained interval.
-    assert mask_list(pol.update(lam_of([2.0], device))) == [False]
-    assert pol.scale.item() == 1.0
-    assert mask_list(pol.update(lam_of([2.05], device))) == [True]
+    assert pol.seen.tolist() == [0]
+    pol.update(lam_of([2.0], device))   # |Δ| = 1
+    pol.update(lam_of([5.0], device))   # |Δ| = 3: scale = median(1, 3) = 2
+    assert pol.scale.item() == 2.0
+    assert mask_list(pol.update(lam_of([5.1], device))) == [True]  # r = 0.05
+
+
+def test_temporal_scale_is_median_of_first_intervals(device):
+    # A collapse by 3 decades in the first interval after warm-up, then ±20% probe noise: with
+    # the first movement as the scale the noise is r ≈ 1e-3 and the module retires; the median
+    # of 3 intervals is the noise's size and it never does.
+    seq = [5.0, 5e-3, 6e-3, 5e-3, 6e-3, 5e-3, 6e-3, 5e-3, 6e-3, 5e-3]
+    first = TemporalPolicy(["h"], eps=0.05, patience=2, scale_probes=1)
+    robust = TemporalPolicy(["h"], eps=0.05, patience=2, scale_probes=3)
+    retired_first = [mask_list(first.update(lam_of([v], device)))[0] for v in seq]
+    retired_robust = [mask_list(robust.update(lam_of([v], device)))[0] for v in seq]
+    assert retired_first[3] is True  # the old behaviour: retired 2 probes after the scale
+    assert not any(retired_robust)
+    assert robust.scale.item() == pytest.approx(1e-3)
+    # Even W: the mean of the two middle movements.
+    even = TemporalPolicy(["h"], scale_probes=4)
+    for v in (0.0, 1.0, 3.0, 6.0, 10.0):  # movements 1, 2, 3, 4
+        even.update(lam_of([v], device))
+    assert even.scale.item() == 2.5
+
+
+def test_temporal_never_retires_before_scale_and_patience(device):
+    # λ exactly constant: r = 0 from the start, yet nothing retires before 1 + W + patience probes.
+    pol = TemporalPolicy(["h"], eps=0.05, patience=2, scale_probes=5)
+    assert pol.probes_to_retire == 8
+    out = [mask_list(pol.update(lam_of([1.0], device)))[0] for _ in range(9)]
+    assert out == [False] * 7 + [True] * 2
 
 
 def test_mat_policy_excludes_retired_and_reports_convergence(device):
     kinds = ["head", "head", "ffn", "ffn"]
-    pol = MATPolicy(kinds, modular=ModularPolicy(kinds, alpha=0.5), temporal=TemporalPolicy(kinds, eps=0.1, patience=1),
+    pol = MATPolicy(kinds, modular=ModularPolicy(kinds, alpha=0.5),
+                    temporal=TemporalPolicy(kinds, eps=0.1, patience=1, scale_probes=1),
                     warmup=0, probe_every=1)
     pol.step(0, lam_of([1.0, 1.0, 1.0, 1.0], device))
     pol.step(1, lam_of([2.0, 2.0, 2.0, 2.0], device))
@@ -273,7 +310,7 @@ def test_temporal_policy_starts_after_warmup(device):
     # λ flat near 0 early in warm-up, then growing: nothing retires during warm-up, and the
     # scale d_m comes from the first two probes after it.
     kinds = ["head", "head"]
-    temporal = TemporalPolicy(kinds, eps=0.1, patience=1)
+    temporal = TemporalPolicy(kinds, eps=0.1, patience=1, scale_probes=1)
     pol = MATPolicy(kinds, modular=ModularPolicy(kinds, alpha=0.5), temporal=temporal,
                     warmup=3, probe_every=1)
     for step, lam in enumerate([[1.0, 1.0], [1e-5, 1e-5], [1e-5, 1e-5]]):  # warm-up
@@ -370,8 +407,8 @@ def test_user_defined_policy(device):
     class Quantile(ModularPolicy):
         """A user replacing the centre: the 75th percentile instead of the median."""
 
-        def kind_centre(self, s):
-            return torch.quantile(s, 0.75)
+        def kind_centre(self, s, include=None):
+            return torch.quantile(s if include is None else s[include], 0.75)
 
     q = Quantile(["h"] * 4, hysteresis=0.0)
     assert mask_list(q.update(lam_of([1, 2, 3, 4], device))) == [False, False, False, True]

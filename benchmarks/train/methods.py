@@ -227,8 +227,8 @@ class GradNorm(_AtFraction):
 
 # `--mat-policy key=value,...`: which policy class each key configures.
 MODULAR_OPTIONS = ("mode", "alpha", "centre", "budget", "hysteresis", "min_dwell",
-                   "relative_to_history", "ema_decay")
-TEMPORAL_OPTIONS = ("eps", "patience")
+                   "relative_to_history", "ema_decay", "min_active", "min_active_fraction")
+TEMPORAL_OPTIONS = ("eps", "patience", "scale_probes")
 POLICY_OPTIONS = MODULAR_OPTIONS + TEMPORAL_OPTIONS + ("temporal",)
 
 
@@ -278,7 +278,8 @@ class MATMethod:
     name = "mat"
 
     def __init__(self, model, lr, warmup, probe_every, seed, weight_decay=0.01, probe_size=None,
-                 policy_options: dict | None = None, kernel: str = "loss", probe_batch=None):
+                 policy_options: dict | None = None, kernel: str = "loss", probe_batch=None,
+                 total_steps: int | None = None):
         if not hasattr(mat_cuda, "MAT"):
             raise MethodError("method 'mat' needs mat_cuda.MAT, which is not part of this build "
                               "of mat_cuda")
@@ -299,7 +300,8 @@ class MATMethod:
             inputs, forward = probe_batch
             probe = dict(kernel=kernel, probe_inputs=inputs,
                          probe_forward=lambda batch: forward(model, batch))
-        self.mat = mat_cuda.MAT(model, optimizer, kinds=MODULE_KINDS, **probe, **schedule)
+        self.mat = mat_cuda.MAT(model, optimizer, kinds=MODULE_KINDS, total_steps=total_steps,
+                                **probe, **schedule)
         self.optimizer = self.mat.optimizer
         self.kinds = self.mat.module_map.kinds
         self.names = self.mat.module_map.names
@@ -374,9 +376,10 @@ class MATMethod:
 def build_method(name: str, model, *, lr: float, warmup: int, probe_every: int, seed: int,
                  fractions: dict | None = None, kind: str | None = None, probe_size=None,
                  policy_options: dict | None = None, mat_kernel: str = "loss",
-                 probe_batch=None):
+                 probe_batch=None, total_steps: int | None = None):
     """The method ``name`` ("freeze_all" needs ``kind``; random/gradnorm need ``fractions``;
     ``policy_options`` changes MAT's default policy, see :func:`mat_policy_factory`;
+    ``total_steps`` lets MAT check its schedule (a warning when too few probes);
     ``mat_kernel`` is MAT's mNTK kernel, the output kernels measure on ``probe_batch``,
     ``(inputs, forward(model, inputs) -> output (n, ...))``)."""
     common = dict(lr=lr, warmup=warmup, probe_every=probe_every, seed=seed)
@@ -390,5 +393,6 @@ def build_method(name: str, model, *, lr: float, warmup: int, probe_every: int, 
         return GradNorm(model, fractions=fractions or {}, **common)
     if name == "mat":
         return MATMethod(model, probe_size=probe_size, policy_options=policy_options,
-                         kernel=mat_kernel, probe_batch=probe_batch, **common)
+                         kernel=mat_kernel, probe_batch=probe_batch, total_steps=total_steps,
+                         **common)
     raise MethodError(f"unknown method {name!r}; choose from {METHODS}")

@@ -61,7 +61,7 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str 
                           probe_every=cfg["probe_every"], seed=seed, fractions=fractions,
                           kind=kind, probe_size=cfg.get("probe_size"),
                           policy_options=policy_options, mat_kernel=mat_kernel,
-                          probe_batch=task.probe_batch)
+                          probe_batch=task.probe_batch, total_steps=cfg["steps"])
     model.train()
     batches = task.train_batches()
     flops_of_state: dict = {}

@@ -107,6 +107,9 @@ def build_task(name: str, cfg: dict, seed: int, device: str, data_path: str | No
         return _text_task(name, cfg, seed, device, data_path)
     if name == "cnn":
         return _image_task(cfg, seed, device, data_path)
+    if name.startswith("hf-"):  # Hugging Face models (benchmarks/train/hf_tasks.py)
+        from .hf_tasks import build_hf_task
+        return build_hf_task(name, cfg, seed, device)
     raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
 
 

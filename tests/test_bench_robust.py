@@ -1,0 +1,72 @@
+"""`mat-bench robust`: the HF tasks train, the table's statistics and criterion, λ histories,
+merging, CLI errors. Tiny schedules (the real lengths are in benchmarks/train/robust.py)."""
+import json
+import math
+import os
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from benchmarks.__main__ import main  # noqa: E402
+from benchmarks.train import robust  # noqa: E402
+
+
+@pytest.fixture
+def tiny_lengths(monkeypatch):
+    monkeypatch.setattr(robust, "LENGTHS", {"short": dict(steps=4, warmup=2, probe_every=1,
+                                                          eval_every=2)})
+    monkeypatch.setattr(robust, "HF_MODEL", dict(robust.HF_MODEL, hidden=16, ffn=32, eval_tokens=1024))
+
+
+def test_robust_runs_tables_and_merges(tiny_lengths, tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the embedded image data needs scikit-learn")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["robust", "--model", "gpt2,vit", "--length", "short", "--seeds", "0",
+                 "--out", str(a), "--no-progress"]) == 0
+    assert main(["robust", "--model", "gpt2,vit", "--length", "short", "--seeds", "1",
+                 "--out", str(b), "--no-progress"]) == 0
+    res = json.load(open(a / "results.json"))
+    assert {(r["model"], r["method"]) for r in res["runs"]} == {
+        ("gpt2", "baseline"), ("gpt2", "mat"), ("vit", "baseline"), ("vit", "mat")}
+    for r in res["runs"]:
+        assert r["steps_run"] == 4 and math.isfinite(r["final_loss"])
+    hist = json.load(open(a / "lambda_histories.json"))
+    assert {h["model"] for h in hist} == {"gpt2", "vit"}
+    assert all(len(h["lam"]) == len(h["mask"]) == len(h["step"]) > 0 for h in hist)
+
+    out = tmp_path / "merged"
+    assert main(["robust", "--merge", str(a), str(b), "--out", str(out)]) == 0
+    merged = json.load(open(out / "results.json"))
+    rows = robust.rows(merged["runs"])
+    assert {(r["model"], r["length"]) for r in rows} == {("gpt2", "short"), ("vit", "short")}
+    for r in rows:
+        assert r["seeds"] == [0, 1]
+        by = {(x["method"], x["seed"]): x for x in merged["runs"] if x["model"] == r["model"]}
+        diffs = [by[("mat", s)]["final_loss"] - by[("baseline", s)]["final_loss"] for s in (0, 1)]
+        assert r["per_seed_diff"] == pytest.approx(diffs)
+        base = [by[("baseline", s)]["final_loss"] for s in (0, 1)]
+        mat = [by[("mat", s)]["final_loss"] for s in (0, 1)]
+        std = abs(base[0] - base[1]) / math.sqrt(2)
+        assert r["passes"] == (sum(mat) / 2 <= sum(base) / 2 + std)
+        saved = [1 - by[("mat", s)]["total_flops"] / by[("baseline", s)]["total_flops"] for s in (0, 1)]
+        assert r["flops_saved"][0] == pytest.approx(sum(saved) / 2)
+    table = open(out / "robust.md").read()
+    assert "| gpt2 | short (4 steps) | 2 |" in table and "within baseline + 1 std" in table
+
+    # The same run twice is refused, named.
+    rc = main(["robust", "--merge", str(a), str(a), "--out", str(tmp_path / "dup")])
+    assert rc == 2 and "also in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "t5"], "--model: unknown"),
+    (["--length", "medium"], "--length: unknown"),
+    (["--seeds", "0,0"], "distinct"),
+    (["--merge", "/nonexistent/run"], "No such file"),
+])
+def test_robust_cli_errors(argv, message, tmp_path, capsys):
+    rc = main(["robust", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o" / "results.json")

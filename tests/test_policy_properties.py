@@ -1,0 +1,296 @@
+"""The policy's invariants (issue 15), as properties over random λ sequences and policy
+constants (hypothesis), and on the λ histories recorded by `mat-bench robust`:
+
+1. a kind is never entirely frozen unless every one of its modules is retired;
+2. each kind keeps at least min(E, max(min_active, ceil(f·E))) active modules, E = its modules
+   not retired;
+3. retired modules are never active again, and leave the statistics: replacing their λ by
+   anything changes no decision;
+4. no module retires before 1 + scale_probes + patience probes after warm-up, and a collapse
+   (λ falling by decades over fewer than half of the scale's intervals) cannot set the scale:
+   later movement of the collapsed level is never taken for convergence;
+5. the schedule check counts probes exactly and warns exactly when there are too few.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from mat_cuda.policy import MATPolicy, ModularPolicy, TemporalPolicy  # noqa: E402
+
+RECORDED = os.path.join(os.path.dirname(__file__), "..", "docs", "results",
+                        "robust-lambda-histories.json")
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def groups_of(kinds):
+    out = {}
+    for i, k in enumerate(kinds):
+        out.setdefault(k, []).append(i)
+    return out
+
+
+def required_minimum(modular, eligible_count):
+    e = eligible_count
+    return min(e, max(modular.min_active, math.ceil(round(modular.min_active_fraction * e, 9))))
+
+
+def check_invariants(pol, mask, retired_before, where=""):
+    """Invariants 1-3 (active side) for one decision of a MATPolicy after warm-up."""
+    retired = pol.temporal.retired.cpu() if pol.temporal is not None else torch.zeros_like(mask)
+    mask = mask.cpu()
+    assert not (mask & retired).any(), f"{where}: a retired module is active"
+    assert (retired | ~retired_before).all(), f"{where}: a retirement was undone"
+    converged = pol.converged_kinds()
+    for kind, idx in groups_of(pol.kinds).items():
+        active = int(mask[idx].sum())
+        eligible = int((~retired[idx]).sum())
+        if active == 0:
+            assert eligible == 0 and kind in converged, \
+                f"{where}: kind {kind} entirely frozen with {eligible} module(s) not retired"
+        if isinstance(pol.modular, ModularPolicy):
+            need = required_minimum(pol.modular, eligible)
+            assert active >= need, f"{where}: kind {kind} has {active} active, needs {need}"
+
+
+# ------------------------------------------------------------------- strategies
+
+@st.composite
+def kinds_strategy(draw):
+    counts = draw(st.lists(st.integers(1, 7), min_size=1, max_size=3))
+    return [f"k{j}" for j, c in enumerate(counts) for _ in range(c)]
+
+
+@st.composite
+def policy_strategy(draw, kinds):
+    modular = ModularPolicy(
+        kinds, mode=draw(st.sampled_from(["ratio", "budget"])),
+        alpha=draw(st.floats(0.3, 3.0)), centre=draw(st.sampled_from(["median", "geomean"])),
+        budget=draw(st.floats(0.05, 1.0)), hysteresis=draw(st.floats(0.0, 0.6)),
+        min_dwell=draw(st.integers(1, 3)),
+        relative_to_history=draw(st.sampled_from([None, "warmup", "ema"])),
+        ema_decay=draw(st.floats(0.0, 0.95)), min_active=draw(st.integers(1, 3)),
+        min_active_fraction=draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])))
+    temporal = TemporalPolicy(kinds, eps=draw(st.floats(0.01, 2.0)), patience=draw(st.integers(1, 3)),
+                              scale_probes=draw(st.integers(1, 6)))
+    return modular, temporal
+
+
+@st.composite
+def lambda_sequence(draw, m, max_probes=24):
+    """λ (P, M) float64 with the shapes real runs show: spreads over decades, collapses by
+    decades, exact zeros, exactly constant stretches, noise."""
+    n = draw(st.integers(1, max_probes))
+    level = [10 ** draw(st.floats(-4, 3)) for _ in range(m)]
+    seq = []
+    for _ in range(n):
+        row = []
+        for j in range(m):
+            event = draw(st.sampled_from(["noise", "noise", "noise", "same", "collapse", "jump", "zero"]))
+            if event == "collapse":
+                level[j] *= 10 ** draw(st.floats(-6, -1))
+            elif event == "jump":
+                level[j] = 10 ** draw(st.floats(-4, 3))
+            elif event == "zero":
+                level[j] = 0.0
+            elif event == "noise":
+                level[j] = level[j] * draw(st.floats(0.5, 1.5)) if level[j] > 0 else 10 ** draw(st.floats(-4, 1))
+            row.append(level[j])
+        seq.append(row)
+    return torch.tensor(seq, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------- invariants 1-3
+
+@SETTINGS
+@given(data=st.data())
+def test_invariants_hold_for_any_lambda_and_constants(data):
+    kinds = data.draw(kinds_strategy())
+    modular, temporal = data.draw(policy_strategy(kinds))
+    warmup = data.draw(st.integers(0, 3))
+    pol = MATPolicy(kinds, modular=modular, temporal=temporal, warmup=warmup, probe_every=1)
+    seq = data.draw(lambda_sequence(len(kinds)))
+    retired_before = torch.zeros(len(kinds), dtype=torch.bool)
+    for step, lam in enumerate(seq):
+        mask = pol.step(step, lam)
+        if step < warmup:
+            assert mask.all()
+            continue
+        check_invariants(pol, mask, retired_before, where=f"probe {step}")
+        retired_before = pol.temporal.retired.cpu().clone()
+
+
+@SETTINGS
+@given(data=st.data())
+def test_retired_modules_leave_the_statistics(data):
+    """Two policies on the same λ, except that the second sees arbitrary λ for every module the
+    first had already retired: every mask and retirement is the same."""
+    kinds = data.draw(kinds_strategy())
+    opts = data.draw(policy_strategy(kinds))
+
+    def make(modular, temporal):
+        clone_m = ModularPolicy(kinds, mode=modular.mode, alpha=modular.alpha, centre=modular.centre,
+                                budget=modular.budget, hysteresis=modular.hysteresis,
+                                min_dwell=modular.min_dwell,
+                                relative_to_history=modular.relative_to_history,
+                                ema_decay=modular.ema_decay, min_active=modular.min_active,
+                                min_active_fraction=modular.min_active_fraction)
+        clone_t = TemporalPolicy(kinds, eps=temporal.eps, patience=temporal.patience,
+                                 scale_probes=temporal.scale_probes)
+        return MATPolicy(kinds, modular=clone_m, temporal=clone_t, warmup=0, probe_every=1)
+
+    a, b = make(*opts), make(*opts)
+    seq = data.draw(lambda_sequence(len(kinds), max_probes=30))
+    other = data.draw(lambda_sequence(len(kinds), max_probes=30))
+    any_retired = False
+    for step, lam in enumerate(seq):
+        retired = a.temporal.retired.cpu() if a.temporal.retired is not None else torch.zeros(len(kinds), dtype=torch.bool)
+        any_retired |= bool(retired.any())
+        replacement = other[step % len(other)]
+        lam_b = torch.where(retired, replacement, lam)
+        assert torch.equal(a.step(step, lam), b.step(step, lam_b)), f"probe {step}"
+        assert torch.equal(a.temporal.retired, b.temporal.retired)
+
+
+def test_retired_modules_leave_the_centre():
+    # 4 heads, 2 retired with large λ: were they counted, the median (4.5) would freeze both
+    # others; over the two that remain, the median is 1.5 and the larger one stays active.
+    kinds = ["head"] * 4
+    pol = ModularPolicy(kinds, hysteresis=0.0, min_active_fraction=0.0)
+    exclude = torch.tensor([True, True, False, False])
+    mask = pol.update(torch.tensor([9.0, 8.0, 1.0, 2.0]), exclude=exclude)
+    assert mask.tolist() == [False, False, False, True]
+    assert pol.kind_centre(torch.tensor([9.0, 8.0, 1.0, 2.0], dtype=torch.float64),
+                           ~exclude).item() == 1.5
+
+
+def test_minimum_tops_up_by_score_and_overrides_dwell():
+    kinds = ["head"] * 8
+    # α = 3 passes nobody but module 7; the minimum ceil(0.5·8) = 4 adds the next three by λ.
+    pol = ModularPolicy(kinds, alpha=3.0, hysteresis=0.0, min_active_fraction=0.5)
+    lam = torch.tensor([1.0, 5.0, 2.0, 7.0, 3.0, 0.5, 0.1, 100.0])
+    assert pol.update(lam).tolist() == [False, True, False, True, True, False, False, True]
+    assert pol.min_active_count(torch.ones(8, dtype=torch.bool)).item() == 4
+    # With 6 of 8 excluded, E = 2: ceil(0.5·2) = 1, and min_active=3 is capped at E = 2.
+    pol = ModularPolicy(kinds, alpha=3.0, min_active=3, min_active_fraction=0.5)
+    exclude = torch.tensor([True] * 6 + [False] * 2)
+    assert pol.update(lam, exclude=exclude).tolist() == [False] * 6 + [True, True]
+    # A module locked frozen by min_dwell is still activated when the kind needs it.
+    pol = ModularPolicy(["h", "h"], hysteresis=0.0, min_dwell=5, min_active_fraction=0.0)
+    assert pol.update(torch.tensor([1.0, 3.0])).tolist() == [False, True]
+    assert pol.update(torch.tensor([1.0, 3.0]), exclude=torch.tensor([False, True])).tolist() == [True, False]
+
+
+# ------------------------------------------------------------------- invariant 4
+
+@SETTINGS
+@given(data=st.data())
+def test_no_retirement_before_scale_and_patience(data):
+    kinds = data.draw(kinds_strategy())
+    modular, temporal = data.draw(policy_strategy(kinds))
+    warmup = data.draw(st.integers(0, 4))
+    pol = MATPolicy(kinds, modular=modular, temporal=temporal, warmup=warmup, probe_every=1)
+    grace = temporal.scale_probes + temporal.patience  # probe index (0 = first after warm-up)
+    for step, lam in enumerate(data.draw(lambda_sequence(len(kinds)))):
+        pol.step(step, lam)
+        if warmup <= step < warmup + grace:
+            assert not pol.temporal.retired.any(), f"retired at probe {step - warmup} < {grace}"
+
+
+@SETTINGS
+@given(scale_probes=st.integers(3, 7), patience=st.integers(1, 3), eps=st.floats(0.01, 0.3),
+       level=st.floats(-3, 3), collapse=st.floats(1, 6), data=st.data())
+def test_collapse_cannot_set_the_scale(scale_probes, patience, eps, level, collapse, data):
+    """λ falls by 10^collapse over k < W/2 intervals, then keeps moving by 10–30% of its new
+    level at every probe (noise of a module that is still learning): never retired."""
+    k = data.draw(st.integers(1, (scale_probes - 1) // 2))
+    high = 10 ** level
+    low = high * 10 ** -collapse
+    seq = [high * 10 ** (-collapse * i / k) for i in range(k + 1)]  # the collapse
+    sign = 1
+    for _ in range(scale_probes + patience + 20):
+        move = data.draw(st.floats(0.1, 0.3)) * low
+        seq.append(seq[-1] + sign * move)
+        sign = -sign
+    pol = TemporalPolicy(["h"], eps=eps, patience=patience, scale_probes=scale_probes)
+    for v in seq:
+        assert not pol.update(torch.tensor([v], dtype=torch.float64)).any()
+    # The same sequence with the first movement as the scale (the old behaviour) retires it.
+    first = TemporalPolicy(["h"], eps=eps, patience=patience, scale_probes=1)
+    retired = [bool(first.update(torch.tensor([v], dtype=torch.float64))) for v in seq]
+    if collapse >= 2 and k == 1:
+        assert any(retired)
+
+
+# ------------------------------------------------------------------- invariant 5
+
+@SETTINGS
+@given(warmup=st.integers(0, 300), probe_every=st.integers(1, 60), total=st.integers(1, 2000),
+       temporal=st.booleans())
+def test_schedule_check_counts_probes(warmup, probe_every, total, temporal):
+    pol = MATPolicy(["h"] * 3, warmup=warmup, probe_every=probe_every,
+                    temporal=TemporalPolicy(["h"] * 3) if temporal else None)
+    brute = sum(1 for s in range(warmup, total) if s % probe_every == 0)
+    assert pol.probes_after_warmup(total) == brute
+    message = pol.schedule_warning(total)
+    assert (message is None) == (brute >= pol.probes_needed)
+    if message:
+        assert f"needs at least {pol.probes_needed}" in message and f"give {brute} probe" in message
+        # The suggested interval is the largest that gives enough probes (when one does).
+        suggested = [e for e in range(1, total + 1)
+                     if sum(1 for s in range(warmup, total) if s % e == 0) >= pol.probes_needed]
+        if suggested:
+            assert f"probe_every ≤ {max(suggested)}," in message
+        else:
+            assert "probe_every ≤" not in message
+
+
+def test_schedule_needs():
+    kinds = ["h"] * 3
+    assert MATPolicy(kinds).probes_needed == 8  # 1 + scale_probes 5 + patience 2
+    assert MATPolicy(kinds, temporal=None).probes_needed == 2
+    # Without the run length: a run of 5 × warmup is assumed; warmup 0 cannot be judged.
+    assert MATPolicy(kinds, warmup=24, probe_every=10).schedule_warning() is None  # 9 probes
+    msg = MATPolicy(kinds, warmup=24, probe_every=20).schedule_warning()
+    # Probes at 40, 60, 80, 100; every 13 gives 26, 39, ..., 117: 8 (every 14: 28, ..., 112: 7).
+    assert "5 × warmup = 120" in msg and "give 4 probe(s)" in msg and "probe_every ≤ 13," in msg
+    assert MATPolicy(kinds, warmup=0, probe_every=1000).schedule_warning() is None
+    with pytest.raises(ValueError, match="total_steps"):
+        MATPolicy(kinds).schedule_warning(0)
+
+
+# ------------------------------------------------------------------- recorded λ histories
+
+def _recorded():
+    if not os.path.exists(RECORDED):
+        return []
+    with open(RECORDED) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("run", _recorded(), ids=lambda r: f"{r['model']}-{r['length']}-seed{r['seed']}")
+def test_invariants_on_recorded_lambda(run):
+    """The λ MAT measured in `mat-bench robust` (docs/robustness.md), replayed through the
+    default policy: it reproduces every recorded mask (the record is this policy's), and the
+    invariants hold at every probe."""
+    kinds = run["kinds"]
+    pol = MATPolicy(kinds, warmup=run["warmup"], probe_every=run["probe_every"], names=run["names"])
+    retired_before = torch.zeros(len(kinds), dtype=torch.bool)
+    for step, lam, recorded in zip(run["step"], run["lam"], run["mask"]):
+        mask = pol.step(step, torch.tensor(lam, dtype=torch.float64))
+        assert mask.tolist() == recorded, f"step {step}: the replay differs from the record"
+        if step >= run["warmup"]:
+            check_invariants(pol, mask, retired_before, where=f"step {step}")
+            retired_before = pol.temporal.retired.cpu().clone()
+
+
+def test_recorded_histories_exist():
+    """The robustness runs' λ histories are part of the docs (docs/results)."""
+    runs = _recorded()
+    assert runs, f"{RECORDED} is missing or empty"
+    assert {r["model"] for r in runs} >= {"bert", "gpt2", "roberta", "vit"}
