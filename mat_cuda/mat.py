@@ -41,7 +41,16 @@ Mixed precision. Pass the ``torch.amp.GradScaler`` as ``scaler=``; the loop is
 ``scaler.step(optimizer)`` and ``scaler.update()``. The probe divides the gradients by the
 scaler's scale tensor (read on the device, no host sync). A probe whose λ is not finite (an
 overflowing step) is dropped when a scaler is in use, the mask stays, and the next step probes
-again (counted in ``report()["skipped_probes"]``); without a scaler the policy raises.
+again (counted in ``report()["skipped_probes"]``); if the retry's λ is again not finite, the
+failure-isolation rule below applies.
+
+Failure isolation (docs/failure.md). A module whose λ is NaN/Inf (NaN/Inf in its gradient or its
+Gram) keeps its mask and policy state, sits out that step's update, and is reported in one
+warning; its neighbours are decided as usual. A probe that raises a RuntimeError (an
+out-of-memory while building K or in Lanczos) is dropped with one warning, the masks stay and the
+step's update runs on them. A call of :meth:`step` that raises (in the optimizer step, say)
+moves no counter: calling it again retries the step; after a forward or backward that raised,
+:meth:`zero_grad` drops what the probe had gathered, so the batch can be run again.
 
 Gradient clipping: :meth:`MAT.clip_grad_norm_` (unscales through the scaler first). It clips over
 every parameter that has a gradient; on a probe step that includes the frozen modules' gradients
@@ -74,6 +83,7 @@ whole-batch probe; the policy's constants and the evidence for them: docs/policy
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -93,6 +103,7 @@ __all__ = ["MAT", "DEFAULT_PROBE_EVERY", "DEFAULT_WARMUP"]
 DEFAULT_PROBE_EVERY = 100
 DEFAULT_WARMUP = 1000
 _BACKWARD_MODES = ("detach", "exact")
+_NOT_UPDATED = ", no module is updated at this step"
 _DETACHED_KINDS = ("head", "ffn", "expert")  # kinds whose input gradient "detach" also skips
 # Embeddings stay shared by default: a position table is looked up with indices that have no
 # sample axis (one (T,) arange for the batch), which the loss-mode probe cannot split per sample.
@@ -184,7 +195,8 @@ class MAT:
         self.kernel, self.probe_inputs, self.probe_forward = kernel, probe_inputs, probe_forward
         self.probe = MNTKProbe(self.inner, mm, kernel, loss_reduction=loss_reduction,
                                probe_size=probe_size, projections=projections,
-                               generator=_projection_generator(kernel, self.device))
+                               generator=_projection_generator(kernel, self.device),
+                               defer_errors=True)
         try:
             self.skipper = Skipper.from_discovery(self.discovery, mode=backward, strict=False)
         except Exception:
@@ -200,6 +212,8 @@ class MAT:
         self._mask_host = [True] * M  # the mask in force, host copy (made at each probe)
         self._probe_cm = None         # the Skipper's probe_mode context while a probe step runs
         self._armed = False           # probe.begin() called for the coming micro-batch
+        self._probed_at = -1          # step whose probe already ran (a retried step skips it)
+        self._step_mask = None        # (M,) bool for this step's update only (invalid λ held out)
         self.skipped_probes = 0
         self.probe_steps: list[int] = []
         self._flops_total = 0.0       # analytic units (per token) summed over steps
@@ -238,30 +252,50 @@ class MAT:
         On the last micro-batch of a probe step: K → λ → policy → masks (optimizer and Skipper),
         then the masked optimizer step (through the scaler when given); then arms the next step.
         """
-        self._micro += 1
-        if self._micro < self.accumulation_steps:
+        if self._micro + 1 < self.accumulation_steps:
+            self._micro += 1
             self._arm()
             return False
-        self._micro = 0
-        probed = self._armed or (self.kernel != "loss" and self._probe_due())
-        if probed:
+        # The counters move only once the optimizer has stepped: if anything below raises, a
+        # second call retries this step (the probe, if it ran, is not run again).
+        probed = self._probed_at == self.step_count or self._armed \
+            or (self.kernel != "loss" and self._probe_due())
+        if probed and self._probed_at != self.step_count:
             self._finish_probe()
+            self._probed_at = self.step_count
         elif self._probe_cm is not None:
             self._leave_probe_mode()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        step_mask, in_force = self._step_mask, None
+        if step_mask is not None:   # modules with invalid λ sit out this one update
+            in_force = self.optimizer.module_mask.clone()
+            self.optimizer.set_module_mask(step_mask)
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        finally:
+            if in_force is not None:
+                self.optimizer.set_module_mask(in_force)
+        self._step_mask = None
+        self._micro = 0
         self._count_flops(dense=probed)
         self.step_count += 1
         self._arm()
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """The optimizer's zero_grad, except between the micro-batches of one step."""
+        """The optimizer's zero_grad, except between the micro-batches of one step.
+
+        It also drops what a probe armed for the coming backward has gathered so far: after a
+        forward or backward that raised, ``mat.zero_grad()`` and running the batch again
+        retries the step cleanly."""
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=set_to_none)
+            if self._armed:
+                self.probe.cancel()
+                self.probe.begin(loss_scale=self._loss_scale())
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients of the optimizer's parameters (unscaled through the scaler first);
@@ -321,27 +355,61 @@ class MAT:
         return lam / world
 
     def _finish_probe(self) -> None:
+        """K → λ → policy → masks. Failure isolation (docs/failure.md): a probe that raises an
+        out-of-memory or another RuntimeError (Gram or Lanczos) counts as λ = NaN for every
+        module, so the ranks of a DDP run stay in step; non-finite λ entries hold their modules
+        (policy state and mask kept, no update at this step); when none is valid the probe is
+        dropped, the masks stay, and one warning says why."""
         self._armed = False
-        if self.kernel == "loss":
-            K = self.probe.gram()
-        else:  # every module measured on the probe batch, frozen ones included
-            with self.skipper.probe_mode():
-                K = self.probe.measure(self.probe_inputs, self.probe_forward)
-        lam, vectors = self._lambda(K)
+        M = self.module_map.num_modules
+        failure, vectors = None, None
+        try:
+            if self.kernel == "loss":
+                K = self.probe.gram()
+            else:  # every module measured on the probe batch, frozen ones included
+                with self.skipper.probe_mode():
+                    K = self.probe.measure(self.probe_inputs, self.probe_forward)
+            lam, vectors = self._lambda(K)
+        except RuntimeError as e:   # torch.OutOfMemoryError included
+            failure = e
+            self.probe.cancel()
+            lam = torch.full((M,), float("nan"), dtype=torch.float32, device=self.device)
         lam = self._reduce_lambda(lam)
         self._leave_probe_mode()
-        if self.scaler is not None and self.scaler.is_enabled() \
-                and not bool(torch.isfinite(lam).all()):  # host read, at a probe only
+        invalid = ~torch.isfinite(lam)
+        n_invalid = int(invalid.sum())   # host read, at a probe only
+        if n_invalid and failure is None and not self._retry \
+                and self.scaler is not None and self.scaler.is_enabled():
             self.skipped_probes += 1   # an overflowing AMP step: the mask stays, probe again
             self._retry = True
             return
         self._retry = False
-        self._vectors = vectors
-        mask = self.policy.step(self.step_count, lam).to(self.device)
+        if n_invalid == M:
+            self.skipped_probes += 1
+            why = (f"the probe raised {type(failure).__name__}: {failure}" if failure is not None
+                   else "λ is NaN/Inf for every module")
+            warnings.warn(f"MAT: probe at step {self.step_count} dropped ({why}); the masks stay "
+                          f"as they were{_NOT_UPDATED if failure is None else ''}, and the "
+                          "next scheduled probe runs as usual", RuntimeWarning, stacklevel=3)
+            if failure is None:   # every module's gradient is suspect; after a failure they are not
+                self._step_mask = torch.zeros(M, dtype=torch.bool, device=self.device)
+            return
+        if vectors is not None:
+            self._vectors = vectors if not n_invalid else \
+                torch.where(invalid[:, None], vectors.new_zeros(()), vectors)
+        hold = invalid if n_invalid else None
+        mask = self.policy.step(self.step_count, lam, hold=hold).to(self.device)
         self.optimizer.set_module_mask(mask)
         self.skipper.set_mask(mask)      # its host copy: the mask update's one read
         self._mask_host = self.skipper.active
         self.probe_steps.append(self.step_count)
+        if n_invalid:
+            names = [n for n, bad in zip(self.module_map.names, invalid.tolist()) if bad]
+            warnings.warn(f"MAT: probe at step {self.step_count}: λ is NaN/Inf for "
+                          f"{len(names)} module(s) ({', '.join(names)}); they keep their mask "
+                          "and policy state and are not updated at this step, the other "
+                          "modules are decided as usual", RuntimeWarning, stacklevel=3)
+            self._step_mask = mask & ~invalid
 
     def _leave_probe_mode(self) -> None:
         if self._probe_cm is not None:
@@ -420,6 +488,7 @@ class MAT:
             raise ValueError(f"MAT.load_state_dict: the mask has shape {tuple(mask.shape)}, this "
                              f"MAT has {self.module_map.num_modules} modules")
         self._disarm()
+        self._probed_at, self._step_mask = -1, None
         self.policy.load_state_dict(state["policy"])
         self.step_count, self._micro = int(state["step_count"]), int(state["micro"])
         self._retry = bool(state["retry"])

@@ -398,6 +398,11 @@ class MNTKProbe:
             :func:`mat_cuda.gram.linear_gram_` and :func:`mat_cuda.gram.embedding_gram_`.
         generator: optional ``torch.Generator`` for the projections of mode ``"output"``.
         probe_size: None (every sample) or p ≥ 1: K covers the first p samples of each batch.
+        defer_errors: mode "loss" only. False (default): an exception while a layer's Gram is
+            accumulated (an out-of-memory, a kernel error, a probe check) is raised from the
+            backward that triggered it. True: it is kept, the rest of that backward runs without
+            the probe (the parameters' gradients are complete), and :meth:`gram` raises it. MAT
+            sets this so that a failed probe never aborts a training step.
 
     The hooks are installed at construction and removed by :meth:`close` (or leaving a
     ``with`` block). They record only while a probe is in flight (between :meth:`begin` and
@@ -407,7 +412,8 @@ class MNTKProbe:
 
     def __init__(self, model: nn.Module, module_map: ModuleMap, mode: str = "loss", *,
                  projections: int = 1, loss_reduction: str = "mean", algorithm: str = "auto",
-                 generator: torch.Generator | None = None, probe_size: int | None = None):
+                 generator: torch.Generator | None = None, probe_size: int | None = None,
+                 defer_errors: bool = False):
         if mode not in MODES:
             raise ValueError(f"MNTKProbe: mode must be one of {MODES}, got {mode!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -442,6 +448,8 @@ class MNTKProbe:
         self._row_scale = None     # (n,) 1/w_i from a tensor loss_weights
         self._divisor = None       # 0-d 1/loss_scale (K is multiplied by its square in gram())
         self._user_out = None      # begin(out=...) when a loss_scale defers the accumulation
+        self.defer_errors = bool(defer_errors)
+        self._error = None         # the exception a deferred hook kept (gram() raises it)
 
     # ---- construction ----
     def _find_layers(self) -> list[_ProbedLayer]:
@@ -537,14 +545,25 @@ class MNTKProbe:
 
     def _make_grad_hook(self, pl: _ProbedLayer, generation: int):
         def hook(grad):
-            if self._active != "loss" or generation != self._generation:
+            if self._active != "loss" or generation != self._generation or self._error is not None:
                 return None
-            if pl.input is None:
-                raise RuntimeError(f"MNTKProbe: a second backward reached layer '{pl.path}' in "
-                                   "one probe; call gram() after each backward")
-            scale, row_scale = self._loss_scales(pl.batch_size)
-            pl.accumulate(self._ensure_K(pl.samples, grad.device), grad, scale, row_scale,
-                          self.algorithm)
+            try:
+                if pl.input is None:
+                    raise RuntimeError(f"MNTKProbe: a second backward reached layer '{pl.path}' "
+                                       "in one probe; call gram() after each backward")
+                scale, row_scale = self._loss_scales(pl.batch_size)
+                pl.accumulate(self._ensure_K(pl.samples, grad.device), grad, scale, row_scale,
+                              self.algorithm)
+            except Exception as e:
+                if not self.defer_errors:
+                    raise
+                # Keep the failure for gram(); free what the probe holds so the rest of the
+                # backward (and a retry after an out-of-memory) has the memory back.
+                self._error = e
+                self._K = None
+                for other in self._layers:
+                    other.input = None
+                return None
             pl.input = None
             return None
         return hook
@@ -645,8 +664,10 @@ class MNTKProbe:
         """
         if self._active != "loss":
             raise RuntimeError("MNTKProbe: gram() without a matching begin()")
-        K, divisor, out = self._K, self._divisor, self._user_out
+        K, divisor, out, error = self._K, self._divisor, self._user_out, self._error
         self._finish()
+        if error is not None:
+            raise error
         if K is None:
             raise RuntimeError("MNTKProbe: no gradient reached a probed layer since begin(); "
                                "run the forward and backward between begin() and gram()")
@@ -749,6 +770,7 @@ class MNTKProbe:
         self._generation += 1
         self._K, self._row_scale, self._active = None, None, None
         self._divisor, self._user_out = None, None
+        self._error = None
 
     def _check_open(self) -> None:
         if self._handles is None:

@@ -24,6 +24,7 @@ temporal policy's start; ε and patience replayed on recorded λ) or kept at its
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Sequence
 
@@ -102,7 +103,12 @@ class Policy(_PerKind):
 
     def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at one probe. lam: (M,) float; exclude: (M,) bool or None, modules that must be
-        inactive (e.g. retired). Returns the active mask, (M,) bool on lam's device."""
+        inactive (e.g. retired). Returns the active mask, (M,) bool on lam's device.
+
+        A policy may also accept ``hold`` ((M,) bool or None): modules whose λ could not be
+        measured at this probe (their entry of lam is a stand-in, their last valid λ); they must
+        keep their state. :class:`MATPolicy` passes it when the signature has it, and otherwise
+        keeps those modules' previous mask entries itself."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -277,25 +283,31 @@ class ModularPolicy(Policy):
                 new[idx] = chosen
         return new & eligible
 
-    def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None,
+               hold: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at one probe. lam: (M,) float (any float dtype, any device); exclude: (M,) bool
-        or None. Returns the active mask (M,) bool on lam's device. One host read (validity)."""
+        or None; hold: (M,) bool or None, modules not measured at this probe: they keep their
+        state (mask, dwell, EMA reference) and count in their kind's centre with their entry of
+        lam (:class:`MATPolicy` passes their last valid λ). Returns the active mask (M,) bool on
+        lam's device. One host read (validity)."""
         lam = check_lambda(lam, self.names)
         if self.active is None:
             self._init_state(lam)
         eligible = torch.ones_like(self.active) if exclude is None else ~exclude.to(self.active.device)
+        held = torch.zeros_like(self.active) if hold is None else hold.to(self.active.device)
         s = self.score(lam)
         # dwell: probe intervals spent in the current state, this one included (0 right after a
         # switch, so a module that switched at the last probe has dwell 1 now).
-        dwell = self.dwell + 1
-        locked = dwell < self.min_dwell
+        dwell = torch.where(held, self.dwell, self.dwell + 1)
+        locked = (dwell < self.min_dwell) | held
         new = self._propose(s, eligible, locked)
         switched = new != self.active
         self.reentries += (switched & new).to(torch.int64)
         self.dwell = torch.where(switched, torch.zeros_like(dwell), dwell)
         self.active = new
         if self.relative_to_history == "ema":
-            self.reference = self.ema_decay * self.reference + (1 - self.ema_decay) * lam
+            ema = self.ema_decay * self.reference + (1 - self.ema_decay) * lam
+            self.reference = torch.where(held, self.reference, ema)
         self.num_updates += 1
         return new.clone()
 
@@ -446,32 +458,65 @@ class MATPolicy:
         self.mask: Optional[torch.Tensor] = None  # (M,) bool, the mask in force
         self.last_step: Optional[int] = None
         self.history: dict[str, list] = {"step": [], "lam": [], "mask": []}
+        self._last_valid: Optional[torch.Tensor] = None  # (M,) float64, λ of the last probe, held modules' stand-ins included
 
     def is_probe(self, step: int) -> bool:
         """Whether `step` is a probe step (a multiple of probe_every)."""
         return step % self.probe_every == 0
 
-    def step(self, step: int, lam: torch.Tensor) -> torch.Tensor:
+    def step(self, step: int, lam: torch.Tensor, hold: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at a probe. step: the training step; lam: (M,) float λ of this probe.
-        Returns the mask (M,) bool on lam's device, to apply until the next probe."""
+        Returns the mask (M,) bool on lam's device, to apply until the next probe.
+
+        hold: optional (M,) bool, modules whose λ is invalid at this probe (NaN/Inf in their
+        gradients or Gram: their entries of lam are ignored and may be non-finite). Each keeps
+        its state: its mask entry, its modular state (dwell, reference) and its temporal state
+        (the interval counts as untrained). Its neighbours see its last valid λ (0 if it never
+        had one) in their kind's centre. The history records NaN for it at this probe."""
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"steps must increase: got {step} after {self.last_step}")
+        m = len(self.kinds)
+        if hold is not None:
+            if not (isinstance(hold, torch.Tensor) and hold.dtype == torch.bool
+                    and tuple(hold.shape) == (m,)):
+                raise ValueError(f"hold must be a ({m},) bool tensor, got {hold!r}")
+            hold = hold.to(lam.device) if bool(hold.any()) else None   # host read, at a probe
+        if hold is not None:
+            last = self._last_valid if self._last_valid is not None \
+                else torch.zeros(m, dtype=_STATE_DTYPE, device=lam.device)
+            lam = torch.where(hold, last.to(device=lam.device, dtype=lam.dtype), lam)
         lam64 = check_lambda(lam, self.names)
-        trained = self.mask if self.mask is not None else torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
+        self._last_valid = lam64.clone()
+        trained = self.mask if self.mask is not None else torch.ones(m, dtype=torch.bool, device=lam.device)
+        if hold is not None:
+            trained = trained & ~hold
         retired = self.temporal.update(lam64, trained) \
             if self.temporal is not None and step >= self.warmup else None
         if step < self.warmup:
-            mask = torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
+            mask = torch.ones(m, dtype=torch.bool, device=lam.device)
         else:
-            mask = self.modular.update(lam64, exclude=retired)
+            mask = self._modular_update(lam64, retired, hold)
             if retired is not None:
                 mask = mask & ~retired
         self.mask, self.last_step = mask, step
         if self.record_history:
+            recorded = lam64 if hold is None else torch.where(hold, math.nan, lam64)
             self.history["step"].append(step)
-            self.history["lam"].append(lam64.cpu())
+            self.history["lam"].append(recorded.cpu())
             self.history["mask"].append(mask.cpu())
         return mask.clone()
+
+    def _modular_update(self, lam64, retired, hold) -> torch.Tensor:
+        if hold is None:
+            return self.modular.update(lam64, exclude=retired)
+        if "hold" in inspect.signature(self.modular.update).parameters:
+            return self.modular.update(lam64, exclude=retired, hold=hold)
+        # A policy without hold support: held modules keep their mask entry (from the last
+        # probe; all True before the first decision).
+        mask = self.modular.update(lam64, exclude=retired)
+        previous = self.mask if self.mask is not None else torch.ones_like(mask)
+        mask = torch.where(hold, previous.to(mask.device), mask)
+        return mask if retired is None else mask & ~retired
 
     def converged_kinds(self) -> list[str]:
         """Kinds whose modules are all retired by the temporal policy (host read)."""
@@ -512,6 +557,7 @@ class MATPolicy:
             "temporal": None if self.temporal is None else self.temporal.state_dict(),
             "mask": None if self.mask is None else self.mask.clone(),
             "last_step": self.last_step,
+            "last_valid": None if self._last_valid is None else self._last_valid.clone(),
             "history": {k: [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
                         for k, v in self.history.items()},
         }
@@ -524,5 +570,7 @@ class MATPolicy:
             self.temporal.load_state_dict(state["temporal"])
         self.mask = None if state["mask"] is None else state["mask"].clone()
         self.last_step = state["last_step"]
+        last = state.get("last_valid")   # absent in checkpoints from before hold existed
+        self._last_valid = None if last is None else last.clone()
         self.history = {k: [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
                         for k, v in state["history"].items()}
