@@ -178,6 +178,7 @@ class MAT:
             raise ValueError(f"MAT: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAT: model must be an nn.Module, got {type(model).__name__}")
+        _check_plain_args(scaler, lanczos_iters, process_group)
         self.model, self.inner = model, unwrap_model(model)
         self.backward, self.scaler = backward, scaler
         self.accumulation_steps, self.lanczos_iters = accumulation_steps, lanczos_iters
@@ -202,8 +203,7 @@ class MAT:
         except Exception:
             self.probe.close()
             raise
-        self._init_cost_model()
-
+        self._closed = False
         M = mm.num_modules
         self.step_count = 0           # optimizer steps taken
         self._micro = 0               # micro-batches of the current step already stepped
@@ -218,7 +218,12 @@ class MAT:
         self.probe_steps: list[int] = []
         self._flops_total = 0.0       # analytic units (per token) summed over steps
         self._flops_saved = 0.0
-        self._arm()
+        try:
+            self._init_cost_model()
+            self._arm()
+        except Exception:   # leave the model as it was
+            self.close()
+            raise
 
     # ---- the training-loop API ----
     @property
@@ -252,6 +257,7 @@ class MAT:
         On the last micro-batch of a probe step: K → λ → policy → masks (optimizer and Skipper),
         then the masked optimizer step (through the scaler when given); then arms the next step.
         """
+        self._check_open("step")
         if self._micro + 1 < self.accumulation_steps:
             self._micro += 1
             self._arm()
@@ -291,6 +297,7 @@ class MAT:
         It also drops what a probe armed for the coming backward has gathered so far: after a
         forward or backward that raised, ``mat.zero_grad()`` and running the batch again
         retries the step cleanly."""
+        self._check_open("zero_grad")
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=set_to_none)
             if self._armed:
@@ -468,6 +475,8 @@ class MAT:
         """Masks, policy state (λ histories included), step counters, Ritz vectors, compute
         counters and per-module step counts. The optimizer's state is its own state_dict."""
         return {
+            "names": list(self.module_map.names),
+            "kinds": list(self.module_map.kinds),
             "step_count": self.step_count,
             "micro": self._micro,
             "retry": self._retry,
@@ -482,11 +491,22 @@ class MAT:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output: masks are applied to the optimizer and the
-        Skipper, and the coming step is re-armed as the saved run would have armed it."""
-        mask = state["mask"].to(device=self.device, dtype=torch.bool)
-        if tuple(mask.shape) != (self.module_map.num_modules,):
-            raise ValueError(f"MAT.load_state_dict: the mask has shape {tuple(mask.shape)}, this "
-                             f"MAT has {self.module_map.num_modules} modules")
+        Skipper, and the coming step is re-armed as the saved run would have armed it.
+
+        A state of another module map (names, kinds or count), with a mask that is not bool, or
+        with tensors of the wrong shape raises ValueError/TypeError and changes nothing. Tensors
+        saved on another device are moved to this MAT's."""
+        self._check_open("load_state_dict")
+        _check_state(state, self.module_map)
+        previous = self.state_dict()
+        try:
+            self._load(state)
+        except Exception:   # e.g. a policy state that does not fit: back to where we were
+            self._load(previous)
+            raise
+
+    def _load(self, state: dict) -> None:
+        mask = state["mask"].to(device=self.device)
         self._disarm()
         self._probed_at, self._step_mask = -1, None
         self.policy.load_state_dict(state["policy"])
@@ -503,16 +523,79 @@ class MAT:
         self._arm()
 
     def close(self) -> None:
-        """Remove the probe's hooks and undo the Skipper's conversion (the model as before)."""
+        """Remove the probe's hooks and undo the Skipper's conversion (the model as before).
+        Idempotent: closing a closed MAT does nothing; step(), zero_grad() and
+        load_state_dict() of a closed MAT raise."""
+        if getattr(self, "_closed", False):
+            return
         self._disarm()
         self.probe.close()
         self.skipper.restore()
+        self._closed = True
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"MAT.{what}: this MAT is closed (close() removed its hooks and "
+                               "restored the model); build a new MAT to train with MAT again")
 
     def __enter__(self) -> "MAT":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_plain_args(scaler, lanczos_iters, process_group) -> None:
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"MAT: scaler must be a torch.amp.GradScaler or None, got "
+                        f"{type(scaler).__name__}")
+    if lanczos_iters is not None and (isinstance(lanczos_iters, bool)
+                                      or not isinstance(lanczos_iters, int) or lanczos_iters < 1):
+        raise ValueError(f"MAT: lanczos_iters must be None or an int >= 1, got {lanczos_iters!r}")
+    if process_group is not None and dist.is_available() \
+            and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"MAT: process_group must be a torch.distributed ProcessGroup or None, "
+                        f"got {type(process_group).__name__}")
+
+
+def _check_state(state, mm: ModuleMap) -> None:
+    """Everything MAT.load_state_dict can check before it changes anything."""
+    where = "MAT.load_state_dict"
+    if not isinstance(state, dict):
+        raise TypeError(f"{where}: expected the dict of MAT.state_dict(), got {type(state).__name__}")
+    missing = [k for k in ("step_count", "micro", "retry", "mask", "module_steps", "vectors",
+                           "policy", "skipped_probes", "probe_steps", "flops") if k not in state]
+    if missing:
+        raise ValueError(f"{where}: the state has no {missing} (not saved by MAT.state_dict())")
+    M = mm.num_modules
+    for key, want in (("names", mm.names), ("kinds", mm.kinds)):
+        if key in state and list(state[key]) != list(want):   # absent in older checkpoints
+            raise ValueError(f"{where}: the state was saved for another module map (its module "
+                             f"{key} differ from this MAT's: {list(state[key])[:4]}... vs "
+                             f"{list(want)[:4]}...)")
+    pol = state["policy"]
+    need = ("modular", "temporal", "mask", "last_step", "history")
+    if not isinstance(pol, dict) or any(k not in pol for k in need):
+        raise ValueError(f"{where}: the policy state must be MATPolicy.state_dict()'s dict with "
+                         f"keys {list(need)}, got "
+                         f"{sorted(pol) if isinstance(pol, dict) else type(pol).__name__}")
+    mask, steps, vectors = state["mask"], state["module_steps"], state["vectors"]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{where}: the mask must be a bool tensor, got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != (M,):
+        raise ValueError(f"{where}: the mask has shape {tuple(mask.shape)}, this MAT has {M} "
+                         "modules (another module map)")
+    if not isinstance(steps, torch.Tensor) or steps.dtype != torch.int64 \
+            or tuple(steps.shape) != (M + 1,):
+        raise ValueError(f"{where}: module_steps must be an int64 ({M + 1},) tensor, got "
+                         f"{getattr(steps, 'dtype', type(steps).__name__)} "
+                         f"{tuple(getattr(steps, 'shape', ()))}")
+    if vectors is not None and (not isinstance(vectors, torch.Tensor) or vectors.dim() != 2
+                                or vectors.shape[0] != M or not vectors.is_floating_point()):
+        raise ValueError(f"{where}: vectors must be None or a float (M={M}, p) tensor, got "
+                         f"{getattr(vectors, 'dtype', type(vectors).__name__)} "
+                         f"{tuple(getattr(vectors, 'shape', ()))}")
 
 
 def _resolve(model: nn.Module, modules, kinds) -> Discovery:

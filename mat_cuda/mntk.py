@@ -427,6 +427,8 @@ class MNTKProbe:
         if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int)
                                        or probe_size < 1):
             raise ValueError(f"MNTKProbe: probe_size must be None or an int >= 1, got {probe_size!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MNTKProbe: model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(module_map, ModuleMap):
             raise TypeError(f"MNTKProbe: module_map must be a ModuleMap, got "
                             f"{type(module_map).__name__}")

@@ -46,6 +46,21 @@ def _module_names(kinds: Sequence[str], names: Optional[Sequence[str]]) -> list[
     return list(names)
 
 
+def _check_int(name: str, value, lowest: int) -> int:
+    """value as an int ≥ lowest; a bool, NaN, infinity or fraction raises naming the argument."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) \
+        and math.isfinite(value) and int(value) == value and value >= lowest
+    if not ok:
+        raise ValueError(f"{name} must be an integer ≥ {lowest}, got {value!r}")
+    return int(value)
+
+
+def _kinds_list(kinds: Sequence[str]) -> list[str]:
+    if isinstance(kinds, str):
+        raise TypeError(f"kinds must be a sequence of str (one per module), got the str {kinds!r}")
+    return list(kinds)
+
+
 def _kind_groups(kinds: Sequence[str]) -> dict[str, list[int]]:
     """Module indices per kind, kinds in order of first appearance."""
     if len(kinds) == 0:
@@ -83,7 +98,7 @@ class _PerKind:
     """Module kinds (M,), their index groups and module names, shared by the policies."""
 
     def __init__(self, kinds: Sequence[str], names: Optional[Sequence[str]] = None):
-        self.kinds = list(kinds)
+        self.kinds = _kinds_list(kinds)
         self.groups = _kind_groups(self.kinds)
         self.names = _module_names(self.kinds, names)
 
@@ -192,8 +207,7 @@ class ModularPolicy(Policy):
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
-        if int(min_dwell) != min_dwell or min_dwell < 1:
-            raise ValueError(f"min_dwell must be an integer ≥ 1, got {min_dwell}")
+        min_dwell = _check_int("min_dwell", min_dwell, 1)
         if relative_to_history not in (None, "warmup", "ema"):
             raise ValueError(f"relative_to_history must be None, 'warmup' or 'ema', got {relative_to_history!r}")
         if not 0 <= ema_decay < 1:
@@ -361,10 +375,9 @@ class TemporalPolicy(_PerKind):
     def __init__(self, kinds: Sequence[str], eps: float = 0.05, patience: int = 2,
                  names: Optional[Sequence[str]] = None):
         super().__init__(kinds, names)
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if int(patience) != patience or patience < 1:
-            raise ValueError(f"patience must be an integer ≥ 1, got {patience}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        patience = _check_int("patience", patience, 1)
         self.eps, self.patience = float(eps), int(patience)
         self.previous: Optional[torch.Tensor] = None  # (M,) float64, λ at the last probe
         self.scale: Optional[torch.Tensor] = None  # (M,) float64, d_m (0 until the module moved)
@@ -442,13 +455,18 @@ class MATPolicy:
                  temporal: Optional[TemporalPolicy] | object = _DEFAULT, warmup: int = 1000,
                  probe_every: int = 100, record_history: bool = True,
                  names: Optional[Sequence[str]] = None):
-        self.kinds = list(kinds)
+        self.kinds = _kinds_list(kinds)
         self.groups = _kind_groups(self.kinds)
         self.names = _module_names(self.kinds, names)
-        if int(warmup) != warmup or warmup < 0:
-            raise ValueError(f"warmup must be an integer ≥ 0, got {warmup}")
-        if int(probe_every) != probe_every or probe_every < 1:
-            raise ValueError(f"probe_every must be an integer ≥ 1, got {probe_every}")
+        warmup = _check_int("warmup", warmup, 0)
+        probe_every = _check_int("probe_every", probe_every, 1)
+        if modular is not None and not callable(getattr(modular, "update", None)):
+            raise TypeError(f"modular must be a Policy (with update(lam, exclude)), got "
+                            f"{type(modular).__name__}")
+        if temporal is not _DEFAULT and temporal is not None \
+                and not isinstance(temporal, TemporalPolicy):
+            raise TypeError(f"temporal must be a TemporalPolicy or None, got "
+                            f"{type(temporal).__name__}")
         self.modular = ModularPolicy(self.kinds, names=self.names) if modular is None else modular
         self.temporal = TemporalPolicy(self.kinds, names=self.names) if temporal is _DEFAULT else temporal
         for name, p in (("modular", self.modular), ("temporal", self.temporal)):
