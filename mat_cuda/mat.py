@@ -501,9 +501,10 @@ class MAT:
         previous = self.state_dict()
         try:
             self._load(state)
-        except Exception:   # e.g. a policy state that does not fit: back to where we were
+        except Exception as e:   # e.g. a policy state that does not fit: back to where we were
             self._load(previous)
-            raise
+            raise ValueError(f"MAT.load_state_dict: the state does not fit this MAT "
+                             f"({type(e).__name__}: {e}); nothing was changed") from e
 
     def _load(self, state: dict) -> None:
         mask = state["mask"].to(device=self.device)
