@@ -382,12 +382,16 @@ class MAT:
             failure = e
             self.probe.cancel()
             lam = torch.full((M,), float("nan"), dtype=torch.float32, device=self.device)
-        lam = self._reduce_lambda(lam)
+        # One all-reduce carries λ and whether any rank's probe raised, so that every rank takes
+        # the same decisions below (a rank that decided alone would leave its peers waiting in
+        # the next collective, or step with other masks).
+        flag = torch.ones(1, dtype=lam.dtype, device=lam.device) * (failure is not None)
+        both = self._reduce_lambda(torch.cat([lam, flag]))
+        lam, failed_flag = both[:M], both[M]
         self._leave_probe_mode()
         invalid = ~torch.isfinite(lam)
-        n_invalid = int(invalid.sum())   # host read, at a probe only
-        if n_invalid and failure is None and not self._retry \
-                and self.scaler is not None and self.scaler.is_enabled():
+        n_invalid, failed = int(invalid.sum()), bool(failed_flag != 0)   # host reads, at a probe
+        if n_invalid and not self._retry and self.scaler is not None and self.scaler.is_enabled():
             self.skipped_probes += 1   # an overflowing AMP step: the mask stays, probe again
             self._retry = True
             return
@@ -395,11 +399,12 @@ class MAT:
         if n_invalid == M:
             self.skipped_probes += 1
             why = (f"the probe raised {type(failure).__name__}: {failure}" if failure is not None
+                   else "the probe raised on another rank" if failed
                    else "λ is NaN/Inf for every module")
             warnings.warn(f"MAT: probe at step {self.step_count} dropped ({why}); the masks stay "
-                          f"as they were{_NOT_UPDATED if failure is None else ''}, and the "
+                          f"as they were{'' if failed else _NOT_UPDATED}, and the "
                           "next scheduled probe runs as usual", RuntimeWarning, stacklevel=3)
-            if failure is None:   # every module's gradient is suspect; after a failure they are not
+            if not failed:   # every module's gradient is suspect; after a failure they are not
                 self._step_mask = torch.zeros(M, dtype=torch.bool, device=self.device)
             return
         if vectors is not None:

@@ -14,7 +14,8 @@ global batch whose λ is computed that way (a subclass overriding ``_lambda``); 
 Every scenario runs in one spawn of 2 gloo processes (a module-scoped fixture), and each checks
 that the ranks are bit-identical (λ history, masks, parameters): the plain run; gradient
 accumulation with DDP's ``no_sync`` (2 micro-batches, the first without all-reduce); a
-``torch.amp.GradScaler("cpu")``; ``probe_size``; and a resume from a checkpoint the 2-rank run
+``torch.amp.GradScaler("cpu")``; ``probe_size``; a probe that raises on rank 0 only (both
+ranks drop it and take the same step); and a resume from a checkpoint the 2-rank run
 saved half way (model and optimizer from rank 0, MAT state per rank), which must equal the
 uninterrupted run bit for bit.
 
@@ -26,6 +27,7 @@ ranks pass a barrier before destroying the process group.
 import contextlib
 import datetime
 import os
+import warnings
 
 import pytest
 import torch
@@ -90,7 +92,8 @@ def _result(mat, close=True):
     if close:
         mat.close()
     return {"lam": r["lam"], "mask": r["mask"], "params": params,
-            "probe_size": None if mat._vectors is None else mat._vectors.shape[1]}
+            "probe_size": None if mat._vectors is None else mat._vectors.shape[1],
+            "probe_steps": list(mat.probe_steps), "skipped_probes": mat.skipped_probes}
 
 
 def _ddp_mat(policy_steps=2, **kw):
@@ -143,7 +146,29 @@ def _scenario_resume(rank, shard, out_dir):
     return _run(ddp2, mat2, data[half:], shard)
 
 
-SCENARIOS = {"plain": _scenario_plain, "no_sync": _scenario_no_sync, "scaler": _scenario_scaler,
+def _scenario_one_rank_fails(rank, shard, out_dir):
+    """Rank 0's probe at step 2 runs out of memory (simulated in its Gram kernel); rank 1's
+    succeeds. Both must drop that probe and take the same step (no hang, no divergence)."""
+    ddp, mat = _ddp_mat()
+    real = mat_cuda.gram.linear_gram_
+
+    def failing(*args, **kw):
+        if rank == 0 and mat.step_count == 2:
+            raise torch.OutOfMemoryError("simulated on rank 0")
+        return real(*args, **kw)
+
+    mat_cuda.gram.linear_gram_ = failing
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            out = _run(ddp, mat, _data(), shard)
+    finally:
+        mat_cuda.gram.linear_gram_ = real
+    out["warnings"] = [str(w.message) for w in rec if "dropped" in str(w.message)]
+    return out
+
+
+SCENARIOS = {"plain": _scenario_plain, "one_rank_fails": _scenario_one_rank_fails, "no_sync": _scenario_no_sync, "scaler": _scenario_scaler,
              "probe_size": _scenario_probe_size, "resume": _scenario_resume}
 
 
@@ -255,3 +280,13 @@ def test_grad_scaler_matches_the_unscaled_run(ranks):
 
 def test_probe_size_uses_the_first_samples_of_each_rank(ranks):
     assert ranks[0]["probe_size"]["probe_size"] == 2 and ranks[0]["plain"]["probe_size"] == N_LOCAL
+
+
+def test_a_probe_failing_on_one_rank_is_dropped_on_every_rank(ranks):
+    for r in ranks:
+        got = r["one_rank_fails"]
+        assert got["skipped_probes"] == 1 and 2 not in got["probe_steps"]
+        assert got["probe_steps"] == [p for p in r["plain"]["probe_steps"] if p != 2]
+        assert len(got["warnings"]) == 1
+    assert "OutOfMemoryError" in ranks[0]["one_rank_fails"]["warnings"][0]
+    assert "on another rank" in ranks[1]["one_rank_fails"]["warnings"][0]
