@@ -63,7 +63,7 @@ class Meter:
             self.stop()
         tracemalloc.start()
         self.objects = _live_objects()
-        self.heap = tracemalloc.get_traced_memory()[0]
+        self.heap = self.heap_mid = tracemalloc.get_traced_memory()[0]
         self.rss = _rss_bytes()
 
     def mid(self):
