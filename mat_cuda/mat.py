@@ -470,7 +470,8 @@ class MAT:
         ``skipped_probes``, ``module_steps`` ((M+1,) steps each module was updated, last =
         unmanaged), ``compute_saved`` (fraction of the analytic training FLOPs saved so far,
         see the module docstring; None when the map has conv or expert modules, where the
-        estimate does not hold: measure with ``mat_cuda.flops.FlopMeter``) and ``unskipped_modules`` (masked by the optimizer only).
+        estimate does not hold: measure with ``mat_cuda.flops.FlopMeter``) and
+        ``unskipped_modules`` (masked by the optimizer only).
         """
         rep = self.policy.report()
         rep.update(
