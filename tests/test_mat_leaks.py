@@ -2,8 +2,9 @@
 
 Memory flatness is measured three ways after a warm-up (the first steps build caches: kernel
 tables, Ritz vectors, optimizer state):
-- live Python objects by type (gc): exact, no slack except the one int per probe MAT keeps in
-  ``probe_steps`` (ints are not gc-tracked, so none shows);
+- live Python objects by type (gc): at most 8 more in all (a one-time lazy initialisation in
+  torch or Python; a leak of one object per step would show hundreds; the one int per probe MAT
+  keeps in ``probe_steps`` is not gc-tracked, so it does not show);
 - tracemalloc's traced Python heap, growth over the second half of the loop: slack 32 KiB +
   100 bytes per probe (``probe_steps`` grows by design by one list slot and one int per probe,
   ~36 bytes; torch's caches still settle after the warm-up, falling from half to half, which a
@@ -94,7 +95,9 @@ def _batch(g):
 def _check_flat(m, probes):
     print(f"growth over the loop: objects {dict(m['objects'])}, traced heap {m['heap']} B "
           f"(second half {m['heap_second_half']} B), RSS {m['rss'] / 2**20:.2f} MiB")
-    assert not m["objects"], f"live objects grew: {dict(m['objects'])}"
+    # A one-time lazy initialisation somewhere in torch or Python (seen once in the full suite:
+    # one tuple) is allowed; a leak of one object per step or probe would show hundreds.
+    assert sum(m["objects"].values()) <= 8, f"live objects grew: {dict(m['objects'])}"
     # torch's and the allocator's caches still settle after the warm-up (the growth falls from
     # half to half); a leak grows as much in the second half as in the first.
     assert m["heap_second_half"] <= 32 * 1024 + 100 * probes / 2, m["heap_second_half"]
