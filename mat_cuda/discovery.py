@@ -195,6 +195,8 @@ def discover(model: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS, *, verbose:
 
     Returns a :class:`Discovery` whose module_map has passed ``validate``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"discover: model must be an nn.Module, got {type(model).__name__}")
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     bad = [k for k in kinds if k not in ALL_KINDS]
     if bad:

@@ -17,6 +17,8 @@ out-of-range ids without writing.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _ops
@@ -26,6 +28,16 @@ __all__ = ["linear_gram_", "embedding_gram_", "sample_gram_", "gram_workspace"]
 _ALGORITHMS = {"auto": 0, "ghost": 1, "explicit": 2}
 _EMBEDDING_ALGORITHMS = {**_ALGORITHMS, "sync_free": 3}
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+
+
+def _check_args(name: str, scale, tensors) -> None:
+    """Tensor arguments are tensors on a supported device; scale is a finite number."""
+    for t, arg in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mat_cuda: {name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        _ops.check_device_supported(t, f"{name} {arg}")
+    if isinstance(scale, torch.Tensor) or not math.isfinite(float(scale)):
+        raise ValueError(f"mat_cuda: {name}: scale must be a finite Python number, got {scale!r}")
 
 
 def _resolve_group_size(group_size, dim: int, name: str) -> int:
@@ -93,8 +105,7 @@ def linear_gram_(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, group_module
     if bias and group_dim == 1:
         raise ValueError(f"mat_cuda: {name}: bias=True needs group_dim=0 (a bias has no input "
                          "columns to group)")
-    for t, arg in ((K, "K"), (A, "A"), (B, "B"), (group_module, "group_module")):
-        _ops.check_device_supported(t, f"{name} {arg}")
+    _check_args(name, scale, ((K, "K"), (A, "A"), (B, "B"), (group_module, "group_module")))
     grouped = B if group_dim == 0 else A
     group_size = _resolve_group_size(group_size, grouped.shape[-1] if grouped.dim() else 0, name)
     if validate:
@@ -137,8 +148,7 @@ def embedding_gram_(K: torch.Tensor, indices: torch.Tensor, B: torch.Tensor, mod
                                        or int(num_embeddings) < 1):
         raise ValueError(f"mat_cuda: {name}: num_embeddings must be None or a positive int, "
                          f"got {num_embeddings!r}")
-    for t, arg in ((K, "K"), (indices, "indices"), (B, "B")):
-        _ops.check_device_supported(t, f"{name} {arg}")
+    _check_args(name, scale, ((K, "K"), (indices, "indices"), (B, "B")))
     _ops.ops.embedding_gram_(K, indices, B, int(module),
                              None if padding_idx is None else int(padding_idx), float(scale),
                              _EMBEDDING_ALGORITHMS[algorithm], int(workspace_bytes),
@@ -155,8 +165,7 @@ def sample_gram_(K: torch.Tensor, G: torch.Tensor, group_module: torch.Tensor, *
     group); K[group_module[g]] += scale · G_g G_gᵀ for each group with module id ≥ 0. Returns K.
     """
     name = "sample_gram_"
-    for t, arg in ((K, "K"), (G, "G"), (group_module, "group_module")):
-        _ops.check_device_supported(t, f"{name} {arg}")
+    _check_args(name, scale, ((K, "K"), (G, "G"), (group_module, "group_module")))
     group_size = _resolve_group_size(group_size, G.shape[-1] if G.dim() else 0, name)
     if validate:
         _validate_module_ids(K, group_module, name)

@@ -404,6 +404,11 @@ class MNTKProbe:
             batch's distinct ids: one host synchronisation per embedding layer per probe).
         generator: optional ``torch.Generator`` for the projections of mode ``"output"``.
         probe_size: None (every sample) or p ≥ 1: K covers the first p samples of each batch.
+        defer_errors: mode "loss" only. False (default): an exception while a layer's Gram is
+            accumulated (an out-of-memory, a kernel error, a probe check) is raised from the
+            backward that triggered it. True: it is kept, the rest of that backward runs without
+            the probe (the parameters' gradients are complete), and :meth:`gram` raises it. MAT
+            sets this so that a failed probe never aborts a training step.
 
     The hooks are installed at construction and removed by :meth:`close` (or leaving a
     ``with`` block). They record only while a probe is in flight (between :meth:`begin` and
@@ -413,7 +418,8 @@ class MNTKProbe:
 
     def __init__(self, model: nn.Module, module_map: ModuleMap, mode: str = "loss", *,
                  projections: int = 1, loss_reduction: str = "mean", algorithm: str = "auto",
-                 generator: torch.Generator | None = None, probe_size: int | None = None):
+                 generator: torch.Generator | None = None, probe_size: int | None = None,
+                 defer_errors: bool = False):
         if mode not in MODES:
             raise ValueError(f"MNTKProbe: mode must be one of {MODES}, got {mode!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -427,6 +433,8 @@ class MNTKProbe:
         if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int)
                                        or probe_size < 1):
             raise ValueError(f"MNTKProbe: probe_size must be None or an int >= 1, got {probe_size!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MNTKProbe: model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(module_map, ModuleMap):
             raise TypeError(f"MNTKProbe: module_map must be a ModuleMap, got "
                             f"{type(module_map).__name__}")
@@ -448,6 +456,8 @@ class MNTKProbe:
         self._row_scale = None     # (n,) 1/w_i from a tensor loss_weights
         self._divisor = None       # 0-d 1/loss_scale (K is multiplied by its square in gram())
         self._user_out = None      # begin(out=...) when a loss_scale defers the accumulation
+        self.defer_errors = bool(defer_errors)
+        self._error = None         # the exception a deferred hook kept (gram() raises it)
 
     # ---- construction ----
     def _find_layers(self) -> list[_ProbedLayer]:
@@ -543,14 +553,25 @@ class MNTKProbe:
 
     def _make_grad_hook(self, pl: _ProbedLayer, generation: int):
         def hook(grad):
-            if self._active != "loss" or generation != self._generation:
+            if self._active != "loss" or generation != self._generation or self._error is not None:
                 return None
-            if pl.input is None:
-                raise RuntimeError(f"MNTKProbe: a second backward reached layer '{pl.path}' in "
-                                   "one probe; call gram() after each backward")
-            scale, row_scale = self._loss_scales(pl.batch_size)
-            pl.accumulate(self._ensure_K(pl.samples, grad.device), grad, scale, row_scale,
-                          self.algorithm)
+            try:
+                if pl.input is None:
+                    raise RuntimeError(f"MNTKProbe: a second backward reached layer '{pl.path}' "
+                                       "in one probe; call gram() after each backward")
+                scale, row_scale = self._loss_scales(pl.batch_size)
+                pl.accumulate(self._ensure_K(pl.samples, grad.device), grad, scale, row_scale,
+                              self.algorithm)
+            except Exception as e:
+                if not self.defer_errors:
+                    raise
+                # Keep the failure for gram(); free what the probe holds so the rest of the
+                # backward (and a retry after an out-of-memory) has the memory back.
+                self._error = e
+                self._K = None
+                for other in self._layers:
+                    other.input = None
+                return None
             pl.input = None
             return None
         return hook
@@ -651,8 +672,10 @@ class MNTKProbe:
         """
         if self._active != "loss":
             raise RuntimeError("MNTKProbe: gram() without a matching begin()")
-        K, divisor, out = self._K, self._divisor, self._user_out
+        K, divisor, out, error = self._K, self._divisor, self._user_out, self._error
         self._finish()
+        if error is not None:
+            raise error
         if K is None:
             raise RuntimeError("MNTKProbe: no gradient reached a probed layer since begin(); "
                                "run the forward and backward between begin() and gram()")
@@ -755,6 +778,7 @@ class MNTKProbe:
         self._generation += 1
         self._K, self._row_scale, self._active = None, None, None
         self._divisor, self._user_out = None, None
+        self._error = None
 
     def _check_open(self) -> None:
         if self._handles is None:

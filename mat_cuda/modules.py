@@ -72,6 +72,10 @@ class ModuleMap:
     def add_module(self, name: str, kind: str = "param") -> int:
         """Register a module named ``name`` of ``kind`` (heads are compared with heads, FFNs with
         FFNs by the policy). Returns its id, 0 .. num_modules - 1 in order of creation."""
+        for arg, value in (("name", name), ("kind", kind)):
+            if not isinstance(value, str):
+                raise TypeError(f"ModuleMap.add_module: {arg} must be a str, got "
+                                f"{type(value).__name__}")
         self._names.append(str(name))
         self._kinds.append(str(kind))
         self._invalidate()
@@ -79,6 +83,9 @@ class ModuleMap:
 
     def assign_whole(self, param: torch.Tensor, module: int, name: str | None = None) -> None:
         """Map every element of ``param`` to ``module``."""
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"ModuleMap: {name or 'param'} must be a tensor, got "
+                            f"{type(param).__name__}")
         module = int(module)
         self._check_module_id(module, name or "param", allow_unmanaged=False)
         self._put(param, ParamLayout("whole", module, 0, (), self._label(param, name)))

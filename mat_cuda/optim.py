@@ -36,6 +36,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -71,6 +72,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                              f"{sorted(str(d) for d in devices)}")
         self._device = all_params[0].device
         check_device_supported(all_params[0], "the parameters")
+        bad = sorted({str(p.dtype) for p in all_params if p.dtype not in _SUPPORTED_DTYPES})
+        if bad:
+            raise ValueError(f"{type(self).__name__}: parameter dtype(s) {bad} are not supported "
+                             "(float32, bfloat16 or float16)")
         for group in self.param_groups:
             self._check_hyperparameters(group)
         if module_map is None:
@@ -284,12 +289,12 @@ class MaskedAdamW(_MaskedOptimizer):
         name = "MaskedAdamW"
         lr, eps = _scalar(name, group, "lr"), _scalar(name, group, "eps")
         wd = _scalar(name, group, "weight_decay")
-        if not lr >= 0.0:
-            raise ValueError(f"{name}: invalid learning rate {lr} (must be >= 0)")
-        if not eps >= 0.0:
-            raise ValueError(f"{name}: invalid eps {eps} (must be >= 0)")
-        if not wd >= 0.0:
-            raise ValueError(f"{name}: invalid weight_decay {wd} (must be >= 0)")
+        if not 0.0 <= lr < math.inf:
+            raise ValueError(f"{name}: invalid learning rate {lr} (must be finite and >= 0)")
+        if not 0.0 <= eps < math.inf:
+            raise ValueError(f"{name}: invalid eps {eps} (must be finite and >= 0)")
+        if not 0.0 <= wd < math.inf:
+            raise ValueError(f"{name}: invalid weight_decay {wd} (must be finite and >= 0)")
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"{name}: betas must be a pair, got {betas!r}")
@@ -340,12 +345,10 @@ class MaskedSGD(_MaskedOptimizer):
         name = "MaskedSGD"
         lr, momentum = _scalar(name, group, "lr"), _scalar(name, group, "momentum")
         dampening, wd = _scalar(name, group, "dampening"), _scalar(name, group, "weight_decay")
-        if not lr >= 0.0:
-            raise ValueError(f"{name}: invalid learning rate {lr} (must be >= 0)")
-        if not momentum >= 0.0:
-            raise ValueError(f"{name}: invalid momentum {momentum} (must be >= 0)")
-        if not wd >= 0.0:
-            raise ValueError(f"{name}: invalid weight_decay {wd} (must be >= 0)")
+        for key, value in (("learning rate", lr), ("momentum", momentum),
+                           ("dampening", dampening), ("weight_decay", wd)):
+            if not 0.0 <= value < math.inf:
+                raise ValueError(f"{name}: invalid {key} {value} (must be finite and >= 0)")
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError(f"{name}: nesterov momentum requires momentum > 0 and zero dampening")
 

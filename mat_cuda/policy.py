@@ -30,6 +30,7 @@ patience probes after warm-up, and a collapse cannot set the temporal scale.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Sequence
 
@@ -58,6 +59,21 @@ def _module_names(kinds: Sequence[str], names: Optional[Sequence[str]]) -> list[
     if len(names) != len(kinds):
         raise ValueError(f"names has {len(names)} entries, kinds has {len(kinds)}; expected equal")
     return list(names)
+
+
+def _check_int(name: str, value, lowest: int) -> int:
+    """value as an int ≥ lowest; a bool, NaN, infinity or fraction raises naming the argument."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) \
+        and math.isfinite(value) and int(value) == value and value >= lowest
+    if not ok:
+        raise ValueError(f"{name} must be an integer ≥ {lowest}, got {value!r}")
+    return int(value)
+
+
+def _kinds_list(kinds: Sequence[str]) -> list[str]:
+    if isinstance(kinds, str):
+        raise TypeError(f"kinds must be a sequence of str (one per module), got the str {kinds!r}")
+    return list(kinds)
 
 
 def _kind_groups(kinds: Sequence[str]) -> dict[str, list[int]]:
@@ -97,7 +113,7 @@ class _PerKind:
     """Module kinds (M,), their index groups and module names, shared by the policies."""
 
     def __init__(self, kinds: Sequence[str], names: Optional[Sequence[str]] = None):
-        self.kinds = list(kinds)
+        self.kinds = _kinds_list(kinds)
         self.groups = _kind_groups(self.kinds)
         self.names = _module_names(self.kinds, names)
 
@@ -117,7 +133,12 @@ class Policy(_PerKind):
 
     def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at one probe. lam: (M,) float; exclude: (M,) bool or None, modules that must be
-        inactive (e.g. retired). Returns the active mask, (M,) bool on lam's device."""
+        inactive (e.g. retired). Returns the active mask, (M,) bool on lam's device.
+
+        A policy may also accept ``hold`` ((M,) bool or None): modules whose λ could not be
+        measured at this probe (their entry of lam is a stand-in, their last valid λ); they must
+        keep their state. :class:`MATPolicy` passes it when the signature has it, and otherwise
+        keeps those modules' previous mask entries itself."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -214,8 +235,7 @@ class ModularPolicy(Policy):
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
-        if int(min_dwell) != min_dwell or min_dwell < 1:
-            raise ValueError(f"min_dwell must be an integer ≥ 1, got {min_dwell}")
+        min_dwell = _check_int("min_dwell", min_dwell, 1)
         if relative_to_history not in (None, "warmup", "ema"):
             raise ValueError(f"relative_to_history must be None, 'warmup' or 'ema', got {relative_to_history!r}")
         if not 0 <= ema_decay < 1:
@@ -341,25 +361,31 @@ class ModularPolicy(Policy):
         rank[order] = torch.arange(order.shape[0], device=order.device)
         return chosen | (candidates & (rank < need))
 
-    def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def update(self, lam: torch.Tensor, exclude: Optional[torch.Tensor] = None,
+               hold: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at one probe. lam: (M,) float (any float dtype, any device); exclude: (M,) bool
-        or None. Returns the active mask (M,) bool on lam's device. One host read (validity)."""
+        or None; hold: (M,) bool or None, modules not measured at this probe: they keep their
+        state (mask, dwell, EMA reference) and count in their kind's centre with their entry of
+        lam (:class:`MATPolicy` passes their last valid λ). Returns the active mask (M,) bool on
+        lam's device. One host read (validity)."""
         lam = check_lambda(lam, self.names)
         if self.active is None:
             self._init_state(lam)
         eligible = torch.ones_like(self.active) if exclude is None else ~exclude.to(self.active.device)
+        held = torch.zeros_like(self.active) if hold is None else hold.to(self.active.device)
         s = self.score(lam, eligible)
         # dwell: probe intervals spent in the current state, this one included (0 right after a
         # switch, so a module that switched at the last probe has dwell 1 now).
-        dwell = self.dwell + 1
-        locked = dwell < self.min_dwell
+        dwell = torch.where(held, self.dwell, self.dwell + 1)
+        locked = (dwell < self.min_dwell) | held
         new = self._propose(s, eligible, locked)
         switched = new != self.active
         self.reentries += (switched & new).to(torch.int64)
         self.dwell = torch.where(switched, torch.zeros_like(dwell), dwell)
         self.active = new
         if self.relative_to_history == "ema":
-            self.reference = self.ema_decay * self.reference + (1 - self.ema_decay) * lam
+            ema = self.ema_decay * self.reference + (1 - self.ema_decay) * lam
+            self.reference = torch.where(held, self.reference, ema)
         self.num_updates += 1
         return new.clone()
 
@@ -419,12 +445,10 @@ class TemporalPolicy(_PerKind):
     def __init__(self, kinds: Sequence[str], eps: float = 0.05, patience: int = 2,
                  scale_probes: int = DEFAULT_SCALE_PROBES, names: Optional[Sequence[str]] = None):
         super().__init__(kinds, names)
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if isinstance(patience, bool) or int(patience) != patience or patience < 1:
-            raise ValueError(f"patience must be an integer ≥ 1, got {patience}")
-        if isinstance(scale_probes, bool) or int(scale_probes) != scale_probes or scale_probes < 1:
-            raise ValueError(f"scale_probes must be an integer ≥ 1, got {scale_probes}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        patience = _check_int("patience", patience, 1)
+        scale_probes = _check_int("scale_probes", scale_probes, 1)
         self.eps, self.patience, self.scale_probes = float(eps), int(patience), int(scale_probes)
         self.previous: Optional[torch.Tensor] = None  # (M,) float64, λ at the last probe
         self.moves: Optional[torch.Tensor] = None  # (M, W) float64, the first W trained |Δλ|
@@ -532,13 +556,18 @@ class MATPolicy:
                  temporal: Optional[TemporalPolicy] | object = _DEFAULT, warmup: int = 1000,
                  probe_every: int = 100, record_history: bool = True,
                  names: Optional[Sequence[str]] = None):
-        self.kinds = list(kinds)
+        self.kinds = _kinds_list(kinds)
         self.groups = _kind_groups(self.kinds)
         self.names = _module_names(self.kinds, names)
-        if int(warmup) != warmup or warmup < 0:
-            raise ValueError(f"warmup must be an integer ≥ 0, got {warmup}")
-        if int(probe_every) != probe_every or probe_every < 1:
-            raise ValueError(f"probe_every must be an integer ≥ 1, got {probe_every}")
+        warmup = _check_int("warmup", warmup, 0)
+        probe_every = _check_int("probe_every", probe_every, 1)
+        if modular is not None and not callable(getattr(modular, "update", None)):
+            raise TypeError(f"modular must be a Policy (with update(lam, exclude)), got "
+                            f"{type(modular).__name__}")
+        if temporal is not _DEFAULT and temporal is not None \
+                and not isinstance(temporal, TemporalPolicy):
+            raise TypeError(f"temporal must be a TemporalPolicy or None, got "
+                            f"{type(temporal).__name__}")
         self.modular = ModularPolicy(self.kinds, names=self.names) if modular is None else modular
         self.temporal = TemporalPolicy(self.kinds, names=self.names) if temporal is _DEFAULT else temporal
         for name, p in (("modular", self.modular), ("temporal", self.temporal)):
@@ -548,6 +577,7 @@ class MATPolicy:
         self.mask: Optional[torch.Tensor] = None  # (M,) bool, the mask in force
         self.last_step: Optional[int] = None
         self.history: dict[str, list] = {"step": [], "lam": [], "mask": []}
+        self._last_valid: Optional[torch.Tensor] = None  # (M,) float64, λ of the last probe, held modules' stand-ins included
 
     def is_probe(self, step: int) -> bool:
         """Whether `step` is a probe step (a multiple of probe_every)."""
@@ -601,27 +631,59 @@ class MATPolicy:
         first = -(-warmup // every) * every  # the first multiple of every ≥ warmup
         return 0 if first >= total else (total - 1 - first) // every + 1
 
-    def step(self, step: int, lam: torch.Tensor) -> torch.Tensor:
+    def step(self, step: int, lam: torch.Tensor, hold: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decide at a probe. step: the training step; lam: (M,) float λ of this probe.
-        Returns the mask (M,) bool on lam's device, to apply until the next probe."""
+        Returns the mask (M,) bool on lam's device, to apply until the next probe.
+
+        hold: optional (M,) bool, modules whose λ is invalid at this probe (NaN/Inf in their
+        gradients or Gram: their entries of lam are ignored and may be non-finite). Each keeps
+        its state: its mask entry, its modular state (dwell, reference) and its temporal state
+        (the interval counts as untrained). Its neighbours see its last valid λ (0 if it never
+        had one) in their kind's centre. The history records NaN for it at this probe."""
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"steps must increase: got {step} after {self.last_step}")
+        m = len(self.kinds)
+        if hold is not None:
+            if not (isinstance(hold, torch.Tensor) and hold.dtype == torch.bool
+                    and tuple(hold.shape) == (m,)):
+                raise ValueError(f"hold must be a ({m},) bool tensor, got {hold!r}")
+            hold = hold.to(lam.device) if bool(hold.any()) else None   # host read, at a probe
+        if hold is not None:
+            last = self._last_valid if self._last_valid is not None \
+                else torch.zeros(m, dtype=_STATE_DTYPE, device=lam.device)
+            lam = torch.where(hold, last.to(device=lam.device, dtype=lam.dtype), lam)
         lam64 = check_lambda(lam, self.names)
-        trained = self.mask if self.mask is not None else torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
+        self._last_valid = lam64.clone()
+        trained = self.mask if self.mask is not None else torch.ones(m, dtype=torch.bool, device=lam.device)
+        if hold is not None:
+            trained = trained & ~hold
         retired = self.temporal.update(lam64, trained) \
             if self.temporal is not None and step >= self.warmup else None
         if step < self.warmup:
-            mask = torch.ones(len(self.kinds), dtype=torch.bool, device=lam.device)
+            mask = torch.ones(m, dtype=torch.bool, device=lam.device)
         else:
-            mask = self.modular.update(lam64, exclude=retired)
+            mask = self._modular_update(lam64, retired, hold)
             if retired is not None:
                 mask = mask & ~retired
         self.mask, self.last_step = mask, step
         if self.record_history:
+            recorded = lam64 if hold is None else torch.where(hold, math.nan, lam64)
             self.history["step"].append(step)
-            self.history["lam"].append(lam64.cpu())
+            self.history["lam"].append(recorded.cpu())
             self.history["mask"].append(mask.cpu())
         return mask.clone()
+
+    def _modular_update(self, lam64, retired, hold) -> torch.Tensor:
+        if hold is None:
+            return self.modular.update(lam64, exclude=retired)
+        if "hold" in inspect.signature(self.modular.update).parameters:
+            return self.modular.update(lam64, exclude=retired, hold=hold)
+        # A policy without hold support: held modules keep their mask entry (from the last
+        # probe; all True before the first decision).
+        mask = self.modular.update(lam64, exclude=retired)
+        previous = self.mask if self.mask is not None else torch.ones_like(mask)
+        mask = torch.where(hold, previous.to(mask.device), mask)
+        return mask if retired is None else mask & ~retired
 
     def converged_kinds(self) -> list[str]:
         """Kinds whose modules are all retired by the temporal policy (host read)."""
@@ -662,6 +724,7 @@ class MATPolicy:
             "temporal": None if self.temporal is None else self.temporal.state_dict(),
             "mask": None if self.mask is None else self.mask.clone(),
             "last_step": self.last_step,
+            "last_valid": None if self._last_valid is None else self._last_valid.clone(),
             "history": {k: [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
                         for k, v in self.history.items()},
         }
@@ -674,5 +737,7 @@ class MATPolicy:
             self.temporal.load_state_dict(state["temporal"])
         self.mask = None if state["mask"] is None else state["mask"].clone()
         self.last_step = state["last_step"]
+        last = state.get("last_valid")   # absent in checkpoints from before hold existed
+        self._last_valid = None if last is None else last.clone()
         self.history = {k: [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
                         for k, v in state["history"].items()}

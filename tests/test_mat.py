@@ -370,26 +370,31 @@ def test_report_and_should_stop(device):
     mat.close()
 
 
-@pytest.mark.parametrize("eps, stops_at", [(1e9, 3), (1e-300, None)])
-def test_should_stop_becomes_true_when_every_module_retires(eps, stops_at):
+@pytest.mark.parametrize("eps, scale_probes, stops_at",
+                         [(1e9, 1, 4), (1e9, 5, 8), (1e-300, 5, None)])
+def test_should_stop_becomes_true_when_every_module_retires(eps, scale_probes, stops_at):
     # Every module trains (budget 1.0) and is probed at every step. With ε huge, every ratio is
-    # below ε: the temporal policy's streak reaches patience = 2 at the third probe (the first
-    # only records λ), so should_stop is False after steps 1 and 2 and True from step 3 on.
+    # below ε: the first probe only records λ, the next scale_probes intervals set the temporal
+    # scale (they never count towards retirement), then the streak reaches patience = 2. So
+    # should_stop is False until probe 1 + scale_probes + 2 and True from then on (4 with a
+    # one-interval scale, 8 with the default robust scale of 5 intervals).
     # With ε tiny no module retires and should_stop stays False.
     model = make_model()
 
     def policy(mm):
         kinds = mm.kinds
         return MATPolicy(kinds, modular=ModularPolicy(kinds, mode="budget", budget=1.0),
-                         temporal=mat_cuda.TemporalPolicy(kinds, eps=eps, patience=2),
+                         temporal=mat_cuda.TemporalPolicy(kinds, eps=eps, patience=2,
+                                                          scale_probes=scale_probes),
                          warmup=0, probe_every=1)
 
     mat = build(model, policy_fn=policy)
+    assert mat.policy.temporal.probes_to_retire == 1 + scale_probes + 2
     seen = []
-    for b in make_batches(5):
+    for b in make_batches(10):
         step(mat, model, b)
         seen.append(mat.should_stop)
-    want = [stops_at is not None and k + 1 >= stops_at for k in range(5)]
+    want = [stops_at is not None and k + 1 >= stops_at for k in range(10)]
     assert seen == want
     if stops_at is not None:
         assert mat.report()["converged_kinds"] == ["head", "ffn"]

@@ -126,7 +126,8 @@ def rows(runs: list) -> list:
         mat = [by["mat"][s]["final_loss"] for s in seeds]
         diff = [m - b for m, b in zip(mat, base)]
         saved = [1 - by["mat"][s]["total_flops"] / by["baseline"][s]["total_flops"] for s in seeds]
-        analytic = [by["mat"][s].get("mat_compute_saved_analytic", math.nan) for s in seeds]
+        analytic = [math.nan if by["mat"][s].get("mat_compute_saved_analytic") is None
+                    else by["mat"][s]["mat_compute_saved_analytic"] for s in seeds]
         b_mean, b_std = mean_std(base)
         m_mean, _ = mean_std(mat)
         d_mean, d_std = mean_std(diff)

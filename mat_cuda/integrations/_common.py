@@ -94,7 +94,8 @@ class MATMetrics:
         key = (len(mat.probe_steps), mat.skipped_probes)
         if key != self._key:
             self._per_probe, self._key = self._read_probe_state(), key
-        out = {f"{pre}compute_saved": float(mat.compute_saved)}
+        saved = mat.compute_saved   # None where the analytic estimate does not hold (conv, experts)
+        out = {} if saved is None else {f"{pre}compute_saved": float(saved)}
         out.update(self._per_probe)
         return out
 

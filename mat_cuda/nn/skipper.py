@@ -64,6 +64,9 @@ class Skipper:
                  mode: str = "detach", strict: bool = True):
         if mode not in MODES:
             raise ValueError(f"Skipper: mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(module_map, ModuleMap):
+            raise TypeError(f"Skipper: module_map must be a ModuleMap, got "
+                            f"{type(module_map).__name__}")
         self.module_map, self.mode = module_map, mode
         self.attentions: list[ConvertedAttention] = []
         self.unconverted: list[str] = []  # paths of attention blocks left as they are (strict=False)
