@@ -36,6 +36,8 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 
 # kernel name -> schedules it ran under (filled by every driver run of this module)
 _RAN: dict[str, set] = {}
+# kernel instantiation ("lanczos_kernel<float, true>") -> schedules it ran under
+_RAN_INSTANCES: dict[str, set] = {}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,9 @@ def _run(driver, tmp_path, kind, scalars, arrays, schedules=case_io.SCHEDULES):
     for sched, names in r.report["kernels"].items():
         for n in names:
             _RAN.setdefault(n, set()).add(sched)
+    for sched, names in r.report["instances"].items():
+        for n in names:
+            _RAN_INSTANCES.setdefault(n, set()).add(sched)
     return r
 
 
@@ -189,10 +194,27 @@ ADAMW = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01, "eps": 
 
 
 def test_adamw_many_layouts_fp32(driver, tmp_path):
-    """30 tensors (> kMaxTensors = 24) of every layout: whole, row groups (a span that is not a
+    """30 tensors of every layout: whole, row groups (a span that is not a
     multiple of 4 forces the scalar path), column groups whose chunks cross rows, column groups
     inside one long row (the chunk checks only its own groups), misaligned views (scalar path),
     an empty tensor, AMP grad scale."""
+    r = _many_layouts(driver, tmp_path)
+    assert [l[1][0] for l in r.report["launches"] if l[0] == "masked_step_kernel"] == [44]
+
+
+def test_adamw_many_layouts_4kb_kernel_parameters(tmp_path):
+    """The same case with the driver built as CUDA < 12.1 sees it (CUDART_VERSION 12000: the
+    4 KB parameter limit, which the emulation enforces): masked_step.cu's 16-tensor /
+    320-block layout, so the 26 non-empty tensors take two launches of at most 16 tensors."""
+    drv = emu_build.build(out_dir=os.path.join(emu_build.ROOT, "build", "emu-cudart12000"),
+                          jobs=2, cudart_version=12000)
+    r = _many_layouts(drv, tmp_path)
+    blocks = [l[1][0] for l in r.report["launches"] if l[0] == "masked_step_kernel"]
+    assert len(blocks) == 2 and sum(blocks) == 44 and max(blocks) <= 320, blocks
+    assert all(l[4] <= 4096 for l in r.report["launches"]), r.report["launches"]
+
+
+def _many_layouts(driver, tmp_path):
     gen = torch.Generator().manual_seed(11)
     c = OptimCase(12, gen)
     for k in range(12):
@@ -212,13 +234,13 @@ def test_adamw_many_layouts_fp32(driver, tmp_path):
     c.rows((4, 65536), 1)
     c.cols((10, 4), 4)
     c.whole((1,))
-    assert len(c.tensors) > 24
+    assert len(c.tensors) > 24  # > the 4 KB layout's 16 tensors
     mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
     steps = torch.randint(0, 5, (c.M + 1,), generator=gen)
     r = _optim_run(driver, tmp_path, c, "adamw", ADAMW, mask, steps, grad_scale=1024.0,
                    found_inf=0.0)
     assert r.report["facts"]["protected_bytes"] > 0
-    assert sum(1 for l in r.report["launches"] if l[0] == "masked_step_kernel") >= 2
+    return r
 
 
 def test_adamw_bf16_fp16_fp32_mixed_maximize(driver, tmp_path):
@@ -238,11 +260,10 @@ def test_adamw_bf16_fp16_fp32_mixed_maximize(driver, tmp_path):
     assert r.report["facts"]["dtype_launchers"] == 3
 
 
-def test_sgd_more_than_320_chunks_bf16(driver, tmp_path):
-    """> 320 chunks and > 24 tensors in one step: the first launch fills its 320 blocks inside
-    tensor 1, which continues in slot 0 of the next launch; then 24 small tensors fill the
-    tensor slots. Momentum, dampening, Nesterov, weight decay; 3 schedules (the largest case:
-    22M elements)."""
+def test_sgd_many_chunks_bf16(driver, tmp_path):
+    """~420 chunks and 28 tensors in one step (one launch with CUDA >= 12.1's 1024 blocks and
+    192 tensors; 2+ launches under the 4 KB layout). Momentum, dampening, Nesterov, weight
+    decay; 3 schedules (22M elements)."""
     gen = torch.Generator().manual_seed(13)
     c = OptimCase(80, gen)
     # one row group in 5 active (a group spans ~10 chunks, not chunk-aligned)
@@ -261,7 +282,68 @@ def test_sgd_more_than_320_chunks_bf16(driver, tmp_path):
     r = _optim_run(driver, tmp_path, c, "sgd", hyper, mask, steps,
                    schedules=("forward", "reverse", "random1"))
     blocks = [l[1][0] for l in r.report["launches"] if l[0] == "masked_step_kernel"]
-    assert len(blocks) >= 3 and max(blocks) == 320, blocks
+    assert sum(blocks) == chunks and max(blocks) <= MAX_BLOCKS, blocks
+
+
+MAX_BLOCKS, MAX_TENSORS = 1024, 192  # masked_step.cu's per-launch limits with CUDA >= 12.1
+
+
+def test_sgd_more_than_1024_chunks_and_192_tensors(driver, tmp_path):
+    """> 1024 chunks and > 192 tensors in one step: the first launch fills its 1024 blocks
+    inside tensor 0 (1025 chunks, one row group per chunk), whose last chunk continues in slot
+    0 of the next launch; then 200 one-chunk tensors overflow the 192 tensor slots into a third
+    launch. Most chunks belong to inactive modules (their pages unreadable: a block that loads
+    one faults); every 97th group and most small tensors are active. No momentum; 3 schedules
+    (the largest case: 67M bf16 elements)."""
+    gen = torch.Generator().manual_seed(16)
+    c = OptimCase(6, gen)
+    groups = 1025
+    c.rows((groups * 16, 4096), 16, dtype=torch.bfloat16,
+           modules=[0 if g % 97 == 0 else 1 for g in range(groups)])
+    for k in range(200):
+        c.whole((3 + k,), dtype=torch.bfloat16, module=2 + k % 4)
+    chunks = sum((torch.Size(t[0]).numel() + CHUNK - 1) // CHUNK for t in c.tensors)
+    assert chunks > MAX_BLOCKS and len(c.tensors) > MAX_TENSORS
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    steps = torch.randint(0, 3, (c.M + 1,), generator=gen)
+    hyper = {"lr": 0.05, "momentum": 0.0, "dampening": 0.0, "weight_decay": 1e-4, "nesterov": False}
+    r = _optim_run(driver, tmp_path, c, "sgd", hyper, mask, steps,
+                   schedules=("forward", "reverse", "random1"))
+    blocks = [l[1][0] for l in r.report["launches"] if l[0] == "masked_step_kernel"]
+    # 1024 blocks of tensor 0; its last chunk + 191 small tensors; the 9 left.
+    assert blocks == [MAX_BLOCKS, MAX_TENSORS, chunks - MAX_BLOCKS - MAX_TENSORS], blocks
+    assert r.report["facts"]["protected_bytes"] > 0
+
+
+def test_bad_group_table_value_is_an_out_of_bounds_read(driver, tmp_path):
+    """Why group_table is validated on the host before any launch (group_table_check.h): a module
+    id past num_modules makes the kernel read module_mask (and the step counts) out of bounds,
+    which AddressSanitizer reports here (on a GPU: a silent wrong read). The registration's
+    refusal itself (torch code, not compiled here) is the CPU op's: same function on both
+    devices; it raises and writes nothing (also tests/test_optim_ops.py on every device)."""
+    gen = torch.Generator().manual_seed(17)
+    c = OptimCase(3, gen)
+    c.rows((8, 16), 2, modules=[0, 1, 2, 3 + 2])  # 5: past the unmanaged slot 3
+    mask = torch.ones(3, dtype=torch.bool)
+    steps = torch.zeros(4, dtype=torch.int64)
+    p = torch.randn(8, 16, generator=gen)
+    arrays = {"layout": torch.tensor([c.tensors[0][2]], dtype=torch.int64),
+              "group_table": torch.tensor(c.groups, dtype=torch.int64), "mask": mask,
+              "steps": steps, "p0": (p, 0), "g0": (torch.randn(8, 16, generator=gen), 0),
+              "s0_0": (torch.zeros(8, 16), 0), "s1_0": (torch.zeros(8, 16), 0)}
+    case = str(tmp_path / "case.bin")
+    case_io.write_case(case, dict({"op": "adamw", "n": 1, "num_modules": 3, "maximize": 0},
+                                  **ADAMW), arrays)
+    r = case_io.run_driver(driver, "optim", case, str(tmp_path / "o.bin"), ("forward",))
+    assert r.returncode != 0 and "AddressSanitizer" in r.stderr, r.describe()
+    assert "masked_step_kernel" in r.stderr or "thread_sees_active_module" in r.stderr, r.describe()
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=r"group_table\[3\] = 5 is out of range \[0, 3\]"):
+        ops.masked_adamw_step_([p], [torch.ones_like(p)], [torch.zeros_like(p)],
+                               [torch.zeros_like(p)], steps.clone(), mask, arrays["layout"],
+                               arrays["group_table"], 1e-3, 0.9, 0.999, 0.0, 1e-8, False, None,
+                               None)
+    assert torch.equal(p, before)
 
 
 def test_sgd_fp16_no_momentum_scaled(driver, tmp_path):
@@ -270,6 +352,8 @@ def test_sgd_fp16_no_momentum_scaled(driver, tmp_path):
     c.whole((513,), dtype=torch.float16)
     c.rows((40, 9), 5, dtype=torch.float16, misalign=1)
     c.cols((33, 16), 4, dtype=torch.float16)
+    c.whole((300,), dtype=torch.bfloat16)  # every dtype's SGD instantiation, all 5 schedules
+    c.rows((16, 12), 4, dtype=torch.float32)
     mask = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
     steps = torch.zeros(5, dtype=torch.int64)
     hyper = {"lr": 0.1, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
@@ -410,16 +494,33 @@ def _spd(n, M, dtype, gen, rank=None):
 
 LANCZOS_N = [1, 33, 64, 65, 200, 300]
 
+# placement -> (small, w, Q shared; K copied to shared; base_shared, i.e. lanczos_kernel<S, true>)
+LANCZOS_PLACEMENTS = {
+    "qk": (1, 1, 1, 1, 1),      # everything in shared memory
+    "q": (1, 1, 1, 0, 1),       # K read from the input
+    "base": (1, 1, 0, 0, 1),    # Q in the global workspace
+    "small": (1, 0, 0, 0, 0),   # w and Q in the workspace: lanczos_kernel<S, false>
+    "w": (0, 1, 0, 0, 0),       # the O(m) scratch in the workspace, w shared
+    "global": (0, 0, 0, 0, 0),  # only the fixed 400 bytes shared (what large n gets)
+}
+
 
 def _lanczos_cases():
-    # The full product for n <= 65; for n in {200, 300} (the slow ones: every warp shuffle of
-    # the warp-per-row matvec is 32 fiber switches) each placement without v0 and one with v0,
-    # under 3 schedules (forward, reverse, random1).
+    # The full product of the three shared-base placements for n <= 65; the three
+    # global-fallback placements (lanczos_kernel<S, false>) for n in {1, 33, 64, 65} without v0
+    # and "global" with v0; for n in {200, 300} (the slow ones: every warp shuffle of the
+    # warp-per-row matvec is 32 fiber switches) each placement without v0 and one with v0, under
+    # 3 schedules (forward, reverse, random1).
     for n in LANCZOS_N:
         for dtype in (torch.float32, torch.float64):
-            for placement in ("qk", "q", "none"):
+            for placement in LANCZOS_PLACEMENTS:
                 for with_v0 in (False, True):
+                    fallback = placement in ("small", "w", "global")
                     if n >= 200 and with_v0 and placement != "q":
+                        continue
+                    if n >= 200 and fallback and placement != "global":
+                        continue
+                    if n < 200 and fallback and with_v0 and placement != "global":
                         continue
                     yield pytest.param(n, dtype, with_v0, placement,
                                        id="n%d-%s-%s-%s" % (n, "f32" if dtype == torch.float32
@@ -429,10 +530,12 @@ def _lanczos_cases():
 
 @pytest.mark.parametrize("n, dtype, with_v0, placement", list(_lanczos_cases()))
 def test_lanczos_matches_cpu(driver, tmp_path, n, dtype, with_v0, placement):
-    """Each shared-memory placement forced through lanczos_make_plan (the emulated device gets
-    exactly the opt-in shared memory it needs: base + Q + K, base + Q, base). Against the CPU
-    kernel: the top Ritz values to 1e-4 (f32) / 1e-9 (f64) of λ_max, the Ritz vector to
-    |cos| >= 1 - 1e-3 / 1 - 1e-9, the residual to 1e-3 / 1e-8 of λ_max, steps within 2."""
+    """Each placement of lanczos_plan.h forced through the shared-memory budget, as
+    MAT_CUDA_LANCZOS_SMEM_LIMIT caps it (tests/emu/drive_lanczos.cpp: the budget is the exact
+    end of the last region to be shared), with a global workspace for the rest; the driver
+    checks the plan it got. Against the CPU kernel: the top Ritz values to 1e-4 (f32) / 1e-9
+    (f64) of λ_max, the Ritz vector to |cos| >= 1 - 1e-3 / 1 - 1e-9, the residual to
+    1e-3 / 1e-8 of λ_max, steps within 2."""
     gen = torch.Generator().manual_seed(n * 7 + (dtype == torch.float64) + 2 * with_v0)
     M = 2 if n <= 65 else 1
     rank = 5 if n in (33, 65) else None
@@ -450,8 +553,12 @@ def test_lanczos_matches_cpu(driver, tmp_path, n, dtype, with_v0, placement):
               "iters": iters, "tol": tol, "topk": topk, "seed": seed, "placement": placement},
              arrays, case_io.SCHEDULES if n < 200 else case_io.SCHEDULES[:3])
     facts = r.report["facts"]
-    assert (facts["q_in_shared"], facts["k_in_shared"]) == {"qk": (1, 1), "q": (1, 0),
-                                                            "none": (0, 0)}[placement]
+    assert (facts["small_shared"], facts["w_shared"], facts["q_shared"], facts["k_copy"],
+            facts["base_shared"]) == LANCZOS_PLACEMENTS[placement]
+    assert (facts["global_bytes"] > 0) == (LANCZOS_PLACEMENTS[placement][2] == 0)
+    s_name = "float" if dtype == torch.float32 else "double"
+    base = "true" if LANCZOS_PLACEMENTS[placement][4] else "false"
+    assert set(r.report["instances"]["forward"]) == {"lanczos_kernel<%s, %s>" % (s_name, base)}
     lam, vec, its, res = ops.lanczos_lambda_max(K, iters, tol, v0, topk, seed)
     out = r.outputs
     f32 = dtype == torch.float32
@@ -544,6 +651,27 @@ def test_every_global_kernel_ran_under_every_schedule(driver, tmp_path):
         test_found_inf_reads_nothing(driver, tmp_path)
         test_lanczos_matches_cpu(driver, tmp_path, 33, torch.float32, True, "q")
     assert not missing(), "kernels not run under every schedule: %s" % sorted(missing())
+    # Every instantiation: both Lanczos kernels (shared base / global fallback) per dtype, the
+    # optimizer kernel per parameter dtype and update (AdamW and SGD).
+    lanczos = {"lanczos_kernel<%s, %s>" % (s, b) for s in ("float", "double")
+               for b in ("true", "false")}
+    fallbacks = {"float": torch.float32, "double": torch.float64}
+    for name in sorted(lanczos):
+        if _RAN_INSTANCES.get(name, set()) != set(case_io.SCHEDULES):
+            s_name, b = name[len("lanczos_kernel<"):-1].split(", ")
+            test_lanczos_matches_cpu(driver, tmp_path, 33, fallbacks[s_name], True,
+                                     "q" if b == "true" else "global")
+    step = {i for i in _RAN_INSTANCES if i.startswith("masked_step_kernel<")}
+    if len(step) < 6:
+        test_adamw_bf16_fp16_fp32_mixed_maximize(driver, tmp_path)
+        test_sgd_fp16_no_momentum_scaled(driver, tmp_path)
+        test_sgd_many_chunks_bf16(driver, tmp_path)
+    step = {i for i in _RAN_INSTANCES if i.startswith("masked_step_kernel<")}
+    for dt in ("float", "__half", "__nv_bfloat16"):
+        for op in ("AdamwOp", "SgdOp"):
+            assert any(dt + "," in i and op in i for i in step), (dt, op, sorted(step))
+    incomplete = {i: sorted(s) for i, s in _RAN_INSTANCES.items() if s != set(case_io.SCHEDULES)}
+    assert lanczos <= set(_RAN_INSTANCES) and not incomplete, incomplete
 
 
 def test_rewrite_is_mechanical_and_complete():
@@ -557,7 +685,7 @@ def test_rewrite_is_mechanical_and_complete():
     assert "// a <<<comment>>> and __shared__ in words" in out
     assert "unsigned char* smem = ::emu::dynamic_shared<unsigned char>();" in out
     assert "auto& sums = ::emu::static_shared<float[kRows][2]>(__FILE__, __LINE__);" in out
-    assert '::emu::launcher("k", ns::k<T, U>, g, dim3(1, 2), 0, s)(a, b);' in out
+    assert '::emu::launcher<&ns::k<T, U>>("k", ns::k<T, U>, g, dim3(1, 2), 0, s)(a, b);' in out
     with pytest.raises(emu_build.RewriteError):
         emu_build.rewrite_source("__shared__ float a, b;\n")
     launches = 0

@@ -161,20 +161,32 @@ constexpr size_t param_bytes_of() {
   return off;
 }
 
+// Names the launched instantiation (note_instance) in the launch record; F is the kernel as
+// the launch site spells it, so lanczos_kernel<S, true> and <S, false> (same parameter types)
+// are told apart: GCC's __PRETTY_FUNCTION__ prints F with every template argument resolved.
+void note_instance(const char* pretty);
+template <auto F>
+const char* instance_pretty() {
+  return __PRETTY_FUNCTION__;
+}
+
 template <class... P>
 struct Launcher {
   const char* name;
   void (*fn)(P...);
   dim3 grid, block;
   size_t smem;
+  const char* instance = nullptr;
 
   template <class... A>
   void operator()(A&&... a) const {
     static_assert(sizeof...(A) == sizeof...(P), "kernel launched with the wrong argument count");
     if (!begin_launch(name, reinterpret_cast<const void*>(fn), grid, block, smem,
                       param_bytes_of<P...>())) {
+      if (instance != nullptr) note_instance(instance);
       return;
     }
+    if (instance != nullptr) note_instance(instance);
     // The parameters as the kernel receives them (converted once, copied per thread).
     struct Ctx {
       void (*fn)(P...);
@@ -193,6 +205,13 @@ template <class... P>
 Launcher<P...> launcher(const char* name, void (*fn)(P...), dim3 grid, dim3 block, size_t smem = 0,
                         cudaStream_t = nullptr) {
   return Launcher<P...>{name, fn, grid, block, smem};
+}
+
+// The form the build's rewrite emits: `::emu::launcher<&k<T>>("k", k<T>, grid, block, ...)`.
+template <auto F, class... P>
+Launcher<P...> launcher(const char* name, void (*fn)(P...), dim3 grid, dim3 block, size_t smem = 0,
+                        cudaStream_t = nullptr) {
+  return Launcher<P...>{name, fn, grid, block, smem, instance_pretty<F>()};
 }
 
 cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value);

@@ -1,9 +1,18 @@
-// Lanczos through its host side: lanczos_make_plan on the emulated device, then
-// lanczos_launch_f32/f64 with the plan, as lanczos_cuda.cpp calls them (the base-bytes check
-// and the global Q workspace when Q is not in shared memory). A placement is forced by giving
-// the emulated device exactly the opt-in shared memory that placement needs:
-//   qk: base + Q + K;  q: base + Q (K does not fit);  none: base (Q does not fit);
-//   auto: the default device (H100/H200 class, 227 KiB).
+// Lanczos through its host side, as lanczos_cuda.cpp calls it: the device's opt-in shared
+// memory (lanczos_device_smem_limit), capped by a budget as MAT_CUDA_LANCZOS_SMEM_LIMIT caps it,
+// lanczos_make_plan, a global workspace of M · plan.global_bytes when the plan needs one, then
+// lanczos_launch_f32/f64 (which picks lanczos_kernel<S, true> when small and w are shared, else
+// lanczos_kernel<S, false>). A placement is forced by the budget: the exact end of the last
+// region that should be shared, read off the all-shared plan of the same (n, m):
+//   qk:     every region shared, K copied into shared memory        <S, true>
+//   q:      Q shared, K read from the input                         <S, true>
+//   base:   small and w shared, Q in the workspace                  <S, true>
+//   small:  small shared, w and Q in the workspace                  <S, false>
+//   w:      w shared, small and Q in the workspace (needs 68m > 4n) <S, false>
+//   global: only the fixed 400 bytes shared                         <S, false>
+//   auto:   the default device's limit (H100/H200 class, 227 KiB), no cap.
+// Placements that need more than 227 KiB get an emulated device with that much.
+// The driver checks that the plan it got has exactly the placement asked for.
 #include "device_buffer.h"
 #include "driver.h"
 #include "linalg/lanczos_launch.h"
@@ -24,55 +33,76 @@ int drive_lanczos(const emucase::Case& c, const std::vector<NamedSchedule>& sche
   const std::string placement = c.str("placement");
   const LanczosOptions opt{n, m, topk, c.num("tol"), static_cast<uint64_t>(c.integer("seed"))};
 
-  LanczosPlan plan{};
+  size_t budget = SIZE_MAX;  // the MAT_CUDA_LANCZOS_SMEM_LIMIT cap; unset for auto
   if (placement != "auto") {
-    emu::device().max_smem_optin = 1 << 30;
-    if (lanczos_make_plan(0, n, m, es, &plan) != cudaSuccess) return 4;
-    size_t want = plan.base_bytes;
-    if (placement == "q" || placement == "qk") want += static_cast<size_t>(m) * n * es;
-    if (placement == "qk") want += static_cast<size_t>(n) * n * es;
-    emu::device().max_smem_optin = static_cast<int>(want);
+    LanczosPlan all{};
+    if (!lanczos_make_plan(n, m, es, SIZE_MAX / 4, &all)) return 4;
+    if (placement == "qk") budget = all.k.offset + all.k.bytes;
+    else if (placement == "q") budget = all.q.offset + all.q.bytes;
+    else if (placement == "base") budget = all.w.offset + all.w.bytes;
+    else if (placement == "small") budget = all.small.offset + all.small.bytes;
+    else if (placement == "w") budget = mat_cuda::linalg::lanczos_align_up(all.fixed.bytes) + all.w.bytes;
+    else if (placement == "global") budget = all.fixed.bytes;
+    else {
+      fprintf(stderr, "emu: unknown placement %s\n", placement.c_str());
+      return 5;
+    }
+    // Placements that need more than the default device's limit (qk, q for larger n) get a
+    // device with that much opt-in shared memory, as the old all-shared plan was tested.
+    if (budget > static_cast<size_t>(emu::device().max_smem_optin)) {
+      emu::device().max_smem_optin = static_cast<int>(budget);
+    }
   }
-  if (lanczos_make_plan(0, n, m, es, &plan) != cudaSuccess) {
-    fprintf(stderr, "emu: lanczos_make_plan failed\n");
+  size_t device_limit = 0;
+  if (mat_cuda::linalg::lanczos_device_smem_limit(0, &device_limit) != cudaSuccess) return 4;
+  budget = std::min(budget, device_limit);  // lanczos_cuda.cpp: min(device, override)
+  LanczosPlan plan{};
+  if (!lanczos_make_plan(n, m, es, budget, &plan)) {
+    fprintf(stderr, "emu: lanczos_make_plan refused a budget of %zu bytes\n", budget);
     return 4;
   }
-  const bool want_q = placement == "q" || placement == "qk";
-  const bool want_k = placement == "qk";
-  if (placement != "auto" && (plan.q_in_shared != want_q || plan.k_in_shared != want_k)) {
-    fprintf(stderr, "emu: forcing placement %s gave q_in_shared=%d k_in_shared=%d\n",
-            placement.c_str(), plan.q_in_shared, plan.k_in_shared);
+  struct Want { bool small, w, q, k; };
+  const Want got{plan.small.shared, plan.w.shared, plan.q.shared, plan.k.bytes > 0};
+  Want want = got;
+  if (placement == "qk") want = {true, true, true, true};
+  if (placement == "q") want = {true, true, true, false};
+  if (placement == "base") want = {true, true, false, false};
+  if (placement == "small") want = {true, false, false, false};
+  if (placement == "w") want = {false, true, false, false};
+  if (placement == "global") want = {false, false, false, false};
+  if (got.small != want.small || got.w != want.w || got.q != want.q || got.k != want.k) {
+    fprintf(stderr, "emu: forcing placement %s (budget %zu) gave small=%d w=%d q=%d k=%d\n",
+            placement.c_str(), budget, got.small, got.w, got.q, got.k);
     return 5;
   }
-  if (plan.base_bytes > plan.max_smem) {
-    fprintf(stderr, "emu: base shared memory %zu exceeds the device's %zu\n", plan.base_bytes,
-            plan.max_smem);
+  if (plan.smem_bytes > budget) {
+    fprintf(stderr, "emu: plan's shared memory %zu exceeds the budget %zu\n", plan.smem_bytes, budget);
     return 5;
   }
 
   const auto& Ka = c.array("K");
   const bool has_v0 = c.has_array("v0");
   DeviceBuffer K(Ka.bytes(), 0), V0(has_v0 ? c.array("v0").bytes() : 0, 0);
-  DeviceBuffer Q(plan.q_in_shared ? 0 : static_cast<size_t>(M) * m * n * es, 0);
+  // The workspace as lanczos_cuda.cpp allocates it (M · global_bytes bytes; page-aligned here).
+  DeviceBuffer ws(static_cast<size_t>(M) * plan.global_bytes, 0);
   DeviceBuffer lam(static_cast<size_t>(M) * topk * es, 0), vec(static_cast<size_t>(M) * n * es, 0),
       it(static_cast<size_t>(M) * 4, 0), res(static_cast<size_t>(M) * es, 0);
+  unsigned char* wsp = plan.global_bytes > 0 ? ws.data() : nullptr;
   auto run = [&](emucase::Writer& w, Facts& f) {
     memcpy(K.data(), Ka.data, Ka.bytes());
     if (has_v0) memcpy(V0.data(), c.array("v0").data, V0.bytes());
-    for (DeviceBuffer* b : {&Q, &lam, &vec, &it, &res}) memset(b->data(), 0xff, b->bytes());
+    for (DeviceBuffer* b : {&ws, &lam, &vec, &it, &res}) memset(b->data(), 0xff, b->bytes());
     cudaError_t err;
     if (es == 4) {
       err = mat_cuda::linalg::lanczos_launch_f32(
           reinterpret_cast<const float*>(K.data()),
-          has_v0 ? reinterpret_cast<const float*>(V0.data()) : nullptr, M, opt, plan,
-          plan.q_in_shared ? nullptr : reinterpret_cast<float*>(Q.data()),
+          has_v0 ? reinterpret_cast<const float*>(V0.data()) : nullptr, M, opt, plan, wsp,
           reinterpret_cast<float*>(lam.data()), reinterpret_cast<float*>(vec.data()),
           reinterpret_cast<int*>(it.data()), reinterpret_cast<float*>(res.data()), nullptr);
     } else {
       err = mat_cuda::linalg::lanczos_launch_f64(
           reinterpret_cast<const double*>(K.data()),
-          has_v0 ? reinterpret_cast<const double*>(V0.data()) : nullptr, M, opt, plan,
-          plan.q_in_shared ? nullptr : reinterpret_cast<double*>(Q.data()),
+          has_v0 ? reinterpret_cast<const double*>(V0.data()) : nullptr, M, opt, plan, wsp,
           reinterpret_cast<double*>(lam.data()), reinterpret_cast<double*>(vec.data()),
           reinterpret_cast<int*>(it.data()), reinterpret_cast<double*>(res.data()), nullptr);
     }
@@ -85,10 +115,13 @@ int drive_lanczos(const emucase::Case& c, const std::vector<NamedSchedule>& sche
     w.add("vectors", dt, vec.data(), static_cast<size_t>(M) * n);
     w.add("iterations", "i32", it.data(), static_cast<size_t>(M));
     w.add("residuals", dt, res.data(), static_cast<size_t>(M));
-    f.add("q_in_shared", plan.q_in_shared ? 1 : 0);
-    f.add("k_in_shared", plan.k_in_shared ? 1 : 0);
+    f.add("small_shared", got.small ? 1 : 0);
+    f.add("w_shared", got.w ? 1 : 0);
+    f.add("q_shared", got.q ? 1 : 0);
+    f.add("k_copy", got.k ? 1 : 0);
+    f.add("base_shared", lanczos_base_shared(plan) ? 1 : 0);
     f.add("smem_bytes", static_cast<long long>(plan.smem_bytes));
-    f.add("base_bytes", static_cast<long long>(plan.base_bytes));
+    f.add("global_bytes", static_cast<long long>(plan.global_bytes));
     f.add("block", plan.block);
   };
   return run_case(schedules, run, out);

@@ -52,7 +52,7 @@ static std::string json_str(const std::string& s) {
 int run_case(const std::vector<NamedSchedule>& schedules,
              const std::function<void(emucase::Writer&, Facts&)>& run, const char* out_path) {
   std::vector<emucase::Writer::Entry> reference;
-  std::string kernels_json = "{", launches_json = "[", mismatch_json = "[";
+  std::string kernels_json = "{", instances_json = "{", launches_json = "[", mismatch_json = "[";
   Facts facts;
   int status = 0;
   for (size_t k = 0; k < schedules.size(); ++k) {
@@ -72,6 +72,17 @@ int run_case(const std::vector<NamedSchedule>& schedules,
       first = false;
     }
     kernels_json += "]";
+    std::set<std::string> inst;
+    for (const auto& r : emu::launches()) {
+      if (r.ran && !r.instance.empty()) inst.insert(r.instance);
+    }
+    instances_json += (k ? "," : "") + json_str(schedules[k].name) + ":[";
+    first = true;
+    for (const auto& n : inst) {
+      instances_json += (first ? "" : ",") + json_str(n);
+      first = false;
+    }
+    instances_json += "]";
     if (k == 0) {
       facts = f;
       w.write(out_path);
@@ -111,6 +122,7 @@ int run_case(const std::vector<NamedSchedule>& schedules,
     }
   }
   kernels_json += "}";
+  instances_json += "}";
   launches_json += "]";
   mismatch_json += "]";
   std::string schedules_json = "[";
@@ -121,8 +133,8 @@ int run_case(const std::vector<NamedSchedule>& schedules,
     facts_json += (i ? "," : "") + json_str(facts.items[i].first) + ":" + facts.items[i].second;
   }
   facts_json += "}";
-  printf("EMU-REPORT {\"schedules\":%s,\"kernels\":%s,\"launches\":%s,\"mismatches\":%s,\"facts\":%s}\n",
-         schedules_json.c_str(), kernels_json.c_str(), launches_json.c_str(), mismatch_json.c_str(),
+  printf("EMU-REPORT {\"schedules\":%s,\"kernels\":%s,\"instances\":%s,\"launches\":%s,\"mismatches\":%s,\"facts\":%s}\n",
+         schedules_json.c_str(), kernels_json.c_str(), instances_json.c_str(), launches_json.c_str(), mismatch_json.c_str(),
          facts_json.c_str());
   fflush(stdout);
   return status;

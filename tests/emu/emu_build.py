@@ -5,7 +5,8 @@ The sources are copied into the build folder and two constructs no macro can exp
 rewritten there, mechanically (comments and string literals are left alone):
 
 * a launch ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
-  ``::emu::launcher("kernel", kernel, grid, block, smem, stream)(args)``;
+  ``::emu::launcher<&kernel>("kernel", kernel, grid, block, smem, stream)(args)`` (the
+  template argument names the instantiation in the report: ``lanczos_kernel<float, true>``);
 * ``__shared__ T name[dims];`` becomes ``auto& name = ::emu::static_shared<T[dims]>(...)`` and
   ``extern __shared__ T name[];`` becomes ``T* name = ::emu::dynamic_shared<T>()``: per-block
   storage of exactly the declared / launched size.
@@ -112,7 +113,8 @@ def rewrite_source(src: str) -> tuple[str, int, int]:
         if not callee.strip():
             raise RewriteError("cannot find the kernel of the launch at offset %d" % j)
         name = re.sub(r"<.*", "", callee, flags=re.S).split("::")[-1].strip()
-        edits.append((s, k + 3, '::emu::launcher("%s", %s, %s)' % (name, callee, src[j + 3:k])))
+        edits.append((s, k + 3, '::emu::launcher<&%s>("%s", %s, %s)'
+                      % (callee.strip(), name, callee, src[j + 3:k])))
         pos = k + 3
     launches = len(edits)
     shared = 0

@@ -1,6 +1,7 @@
 // What the emulation records of each launch, for the driver's report.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "cuda_emulation.h"
@@ -9,6 +10,7 @@ namespace emu {
 
 struct LaunchRecord {
   const char* name = "";
+  std::string instance;  // e.g. "lanczos_kernel<float, true>" (note_instance)
   dim3 grid, block;
   size_t smem = 0;
   size_t param_bytes = 0;

@@ -633,6 +633,21 @@ void* dynamic_shared_base() {
   return g_block.dynamic;
 }
 
+// pretty: GCC's "const char* emu::instance_pretty() [with auto F = (& ns::k<float, true>)]" ->
+// "k<float, true>" on the last launch record.
+void note_instance(const char* pretty) {
+  if (g_launches.empty()) return;
+  std::string s(pretty);
+  const size_t at = s.find("F = ");
+  if (at != std::string::npos) s = s.substr(at + 4);
+  while (!s.empty() && (s.back() == ']' || s.back() == ')')) s.pop_back();
+  while (!s.empty() && (s.front() == '(' || s.front() == '&' || s.front() == ' ')) s.erase(0, 1);
+  const size_t lt = s.find('<');
+  const size_t q = s.rfind("::", lt == std::string::npos ? s.size() : lt);
+  if (q != std::string::npos) s = s.substr(q + 2);
+  g_launches.back().instance = s;
+}
+
 cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value < 0 || value > device().max_smem_optin) return cudaErrorInvalidValue;
