@@ -426,3 +426,19 @@ def test_embedded_corpus_ignores_methods_patched_into_stdlib(monkeypatch):
     warning_everywhere.__module__ = "somebody_elses_package"
     monkeypatch.setattr(logging.Logger, "warning_everywhere", warning_everywhere, raising=False)
     assert corpus_mod._embedded_documents() == before
+
+
+def test_embedded_corpus_ignores_stdlib_functions_patched_by_other_packages(monkeypatch):
+    # lightning replaces warnings.formatwarning when imported; the corpus must not change.
+    import warnings
+    from mat_cuda.data import corpus as C
+    before = C._embedded_documents()
+
+    def formatwarning(*args, **kwargs):  # a stand-in defined outside the stdlib
+        return ""
+
+    formatwarning.__module__ = "some_package.warnings_patch"
+    monkeypatch.setattr(warnings, "formatwarning", formatwarning)
+    after = C._embedded_documents()
+    assert after == before
+    assert any(name.startswith("warnings.formatwarning#") for name, _ in after)

@@ -11,12 +11,14 @@ version does not move the other documents between splits.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib
 import inspect
 import os
 import re
+import sys
 import warnings
 
 from .errors import DataError
@@ -146,11 +148,41 @@ def _own_doc(obj) -> str:
     return inspect.cleandoc(doc) if doc else ""
 
 
+def _source_functions(mod) -> dict:
+    """``{name: docstring}`` of the functions the module's source defines at top level (read
+    with ast, so what other packages assigned over them since does not matter)."""
+    try:
+        with open(inspect.getsourcefile(mod), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return {}
+    return {node.name: ast.get_docstring(node, clean=True) or "" for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
 def _module_documents(mod, modname: str) -> list:
     docs = [(modname, f"{modname}\n\n{_own_doc(mod)}")] if _own_doc(mod) else []
+    source_functions = None
     for name in sorted(vars(mod)):
         obj = vars(mod)[name]
-        if name.startswith("_") or getattr(obj, "__module__", None) != modname:
+        if name.startswith("_"):
+            continue
+        owner = getattr(obj, "__module__", None)
+        if owner != modname:
+            # Other packages replace stdlib functions (lightning sets warnings.formatwarning):
+            # the source's own definition keeps the corpus independent of what was imported.
+            # Objects of other stdlib modules (C accelerators, re-exports) stay out, as before.
+            # torch's own replacements (torch.package sets inspect.getfile) are in force in every
+            # process that imports mat_cuda and were never in the corpus: they stay out, so the
+            # corpus every recorded result used is unchanged.
+            if not isinstance(owner, str) or owner.split(".")[0] in sys.stdlib_module_names \
+                    or owner.split(".")[0] == "torch":
+                continue
+            if source_functions is None:
+                source_functions = _source_functions(mod)
+            doc = source_functions.get(name)
+            if doc:
+                docs.append((f"{modname}.{name}", f"{modname}.{name}\n\n{doc}"))
             continue
         if inspect.isfunction(obj):
             parts = [_own_doc(obj)]
