@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["Policy", "ModularPolicy", "TemporalPolicy", "MATPolicy", "PolicyScheduleWarning",
-           "check_lambda"]
+           "check_lambda", "layer_key"]
 
 # Internal state is float64 whatever λ's dtype: ratios of λ never overflow or lose ties.
 _STATE_DTYPE = torch.float64
@@ -68,6 +68,39 @@ def _kind_groups(kinds: Sequence[str]) -> dict[str, list[int]]:
     for i, k in enumerate(kinds):
         groups.setdefault(k, []).append(i)
     return groups
+
+
+def layer_key(name: str) -> Optional[str]:
+    """The layer a module belongs to, from its discovery name: the dotted path up to and including
+    its first all-digit component (a ``ModuleList`` index), e.g. "bert.encoder.layer.1" for
+    "bert.encoder.layer.1.attention.head2", "model.layers.3" for "model.layers.3.mlp.experts.5".
+    None when the name has no such component (e.g. a patch-embedding conv, or the default names
+    "kind[index]"). Encoder and decoder stacks get different keys ("encoder.layers.0" vs
+    "decoder.layers.0")."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _layer_groups(names: Sequence[str]) -> dict[Optional[str], list[int]]:
+    """Module indices per layer key (:func:`layer_key`); modules with no layer share key None."""
+    groups: dict[Optional[str], list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(layer_key(n), []).append(i)
+    return groups
+
+
+def _masked_median(s: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
+    """Median of s (n,) float64 over include (n,) bool -> () float64 (mean of the two middle
+    values for an even count), 0 when nothing is included; no host read."""
+    n = include.sum()
+    srt = torch.sort(torch.where(include, s, torch.full_like(s, math.inf))).values
+    lo = ((n - 1).clamp_min(0) // 2).view(1)
+    hi = (n // 2).clamp_max(s.shape[0] - 1).view(1)
+    med = 0.5 * (srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0)
+    return torch.where(n > 0, med, torch.zeros_like(med))
 
 
 def check_lambda(lam: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
@@ -143,6 +176,14 @@ class ModularPolicy(Policy):
         so they compete on equal terms: this counters self-reinforcing selection.
       A zero reference (λ_m(ref) = 0) is replaced by the largest reference of the module's kind
       (or 1 when all are zero), so the score stays finite.
+    ``relative_to_layer`` (default False) then divides each module's score by the median score of
+    its layer (all kinds of that layer, excluded modules left out): like with like across depth.
+    λ differs by about a decade between layers of a small model, and a per-kind threshold on raw
+    λ then keeps one layer and freezes the other (docs/robustness.md). A module's layer is read
+    from its name (:func:`layer_key`: the path up to its first all-digit component, the index
+    discovery's names carry, e.g. "encoder.layer.1"); modules whose name has none (a patch
+    embedding, default names) form one group of their own. So with no layer indices in the names
+    every module is divided by the same number and the masks are those of the plain score.
 
     Decision per kind (modules of kind k, M_k of them, current active set A):
       - ``mode="ratio"``: c = centre(s) over all modules of the kind (active and frozen), median
@@ -185,7 +226,10 @@ class ModularPolicy(Policy):
             kind's modules not excluded).
         min_active_fraction: f in [0, 1], the fewest active modules per kind as a fraction of
             its modules not excluded, rounded up (default 0.25; see "Minimum per kind").
-        names: module names for error messages (default "kind[index]").
+        relative_to_layer: divide scores by their layer's median score (see Score; default
+            False).
+        names: module names for error messages and, with ``relative_to_layer``, the layer of
+            each module (default "kind[index]": no layer).
     """
 
     def __init__(
@@ -201,6 +245,7 @@ class ModularPolicy(Policy):
         ema_decay: float = 0.9,
         min_active: int = 1,
         min_active_fraction: float = DEFAULT_MIN_ACTIVE_FRACTION,
+        relative_to_layer: bool = False,
         names: Optional[Sequence[str]] = None,
     ):
         super().__init__(kinds, names)
@@ -224,7 +269,14 @@ class ModularPolicy(Policy):
             raise ValueError(f"min_active must be an integer ≥ 1, got {min_active}")
         if not 0 <= min_active_fraction <= 1:
             raise ValueError(f"min_active_fraction must be in [0, 1], got {min_active_fraction}")
+        if not isinstance(relative_to_layer, bool):
+            raise TypeError(f"relative_to_layer must be True or False, got {relative_to_layer!r}")
         self.min_active, self.min_active_fraction = int(min_active), float(min_active_fraction)
+        self.relative_to_layer = relative_to_layer
+        # Layer of each module from its name (layer_key); None = no layer index in the name.
+        self.layers = [layer_key(n) for n in self.names]
+        self.layer_groups = _layer_groups(self.names)
+        self._layer_indices: dict[str, list[torch.Tensor]] = {}
         self.mode, self.alpha, self.centre = mode, float(alpha), centre
         self.budget, self.hysteresis, self.min_dwell = float(budget), float(hysteresis), int(min_dwell)
         self.relative_to_history, self.ema_decay = relative_to_history, float(ema_decay)
@@ -260,6 +312,28 @@ class ModularPolicy(Policy):
         """(M,) float64 score compared within each kind; lam: (M,) float64 (validated);
         include: (M,) bool, the modules whose references may stand in for a zero reference
         (default all; the excluded ones' never do)."""
+        s = self._history_score(lam, include)
+        return self._layer_normalise(s, include) if self.relative_to_layer else s
+
+    def _layer_normalise(self, s: torch.Tensor, include: Optional[torch.Tensor]) -> torch.Tensor:
+        """s divided by the median of its layer's scores (every kind; modules ``include`` marks,
+        default all): s (M,) float64 -> (M,) float64. A layer whose median is 0 is divided by
+        its largest included score instead, and left as is when that is 0 too (no signal)."""
+        inc = torch.ones_like(s, dtype=torch.bool) if include is None else include
+        key = str(s.device)
+        if key not in self._layer_indices:
+            self._layer_indices[key] = [torch.tensor(v, device=s.device)
+                                        for v in self.layer_groups.values()]
+        out = s.clone()
+        for idx in self._layer_indices[key]:
+            sl, il = s[idx], inc[idx]
+            med = _masked_median(sl, il)
+            top = torch.where(il, sl, torch.zeros_like(sl)).max()
+            div = torch.where(med > 0, med, torch.where(top > 0, top, torch.ones_like(top)))
+            out[idx] = sl / div
+        return out
+
+    def _history_score(self, lam: torch.Tensor, include: Optional[torch.Tensor]) -> torch.Tensor:
         if self.reference is None:
             return lam
         ref = self.reference
@@ -276,14 +350,9 @@ class ModularPolicy(Policy):
         (M_k,) bool marks (default all) -> () float64, 0 when none is included; no host read."""
         if include is None:
             include = torch.ones_like(s, dtype=torch.bool)
-        n = include.sum()
         if self.centre == "median":
             # Excluded scores sort last; the middle of the first n is the included median.
-            srt = torch.sort(torch.where(include, s, torch.full_like(s, math.inf))).values
-            lo = ((n - 1).clamp_min(0) // 2).view(1)
-            hi = (n // 2).clamp_max(s.shape[0] - 1).view(1)
-            med = 0.5 * (srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0)
-            return torch.where(n > 0, med, torch.zeros_like(med))
+            return _masked_median(s, include)
         positive = (s > 0) & include
         logs = torch.where(positive, torch.log(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
         count = positive.sum()
