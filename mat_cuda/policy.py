@@ -319,6 +319,8 @@ class ModularPolicy(Policy):
         """s divided by the median of its layer's scores (every kind; modules ``include`` marks,
         default all): s (M,) float64 -> (M,) float64. A layer whose median is 0 is divided by
         its largest included score instead, and left as is when that is 0 too (no signal)."""
+        if len(self.layer_groups) < 2:
+            return s  # one group (no layer indices): a common divisor would change nothing
         inc = torch.ones_like(s, dtype=torch.bool) if include is None else include
         key = str(s.device)
         if key not in self._layer_indices:

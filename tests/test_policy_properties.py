@@ -21,7 +21,7 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from mat_cuda.policy import MATPolicy, ModularPolicy, TemporalPolicy  # noqa: E402
+from mat_cuda.policy import MATPolicy, ModularPolicy, TemporalPolicy, layer_key  # noqa: E402
 
 RECORDED = os.path.join(os.path.dirname(__file__), "..", "docs", "results",
                         "robust-lambda-histories.json")
@@ -67,9 +67,18 @@ def kinds_strategy(draw):
 
 
 @st.composite
+def names_strategy(draw, kinds):
+    """Module names as discovery writes them, each in one of up to 3 layers or in none."""
+    layers = [draw(st.sampled_from([None, 0, 1, 2])) for _ in kinds]
+    return [f"embed.{k}{i}" if layer is None else f"model.layers.{layer}.{k}{i}"
+            for i, (k, layer) in enumerate(zip(kinds, layers))]
+
+
+@st.composite
 def policy_strategy(draw, kinds):
     modular = ModularPolicy(
-        kinds, mode=draw(st.sampled_from(["ratio", "budget"])),
+        kinds, names=draw(names_strategy(kinds)),
+        relative_to_layer=draw(st.booleans()), mode=draw(st.sampled_from(["ratio", "budget"])),
         alpha=draw(st.floats(0.3, 3.0)), centre=draw(st.sampled_from(["median", "geomean"])),
         budget=draw(st.floats(0.05, 1.0)), hysteresis=draw(st.floats(0.0, 0.6)),
         min_dwell=draw(st.integers(1, 3)),
@@ -139,10 +148,12 @@ def test_retired_modules_leave_the_statistics(data):
                                 min_dwell=modular.min_dwell,
                                 relative_to_history=modular.relative_to_history,
                                 ema_decay=modular.ema_decay, min_active=modular.min_active,
-                                min_active_fraction=modular.min_active_fraction)
+                                min_active_fraction=modular.min_active_fraction,
+                                relative_to_layer=modular.relative_to_layer, names=modular.names)
         clone_t = TemporalPolicy(kinds, eps=temporal.eps, patience=temporal.patience,
                                  scale_probes=temporal.scale_probes)
-        return MATPolicy(kinds, modular=clone_m, temporal=clone_t, warmup=0, probe_every=1)
+        return MATPolicy(kinds, modular=clone_m, temporal=clone_t, warmup=0, probe_every=1,
+                         names=modular.names)
 
     a, b = make(*opts), make(*opts)
     seq = data.draw(lambda_sequence(len(kinds), max_probes=30))
@@ -294,3 +305,75 @@ def test_recorded_histories_exist():
     runs = _recorded()
     assert runs, f"{RECORDED} is missing or empty"
     assert {r["model"] for r in runs} >= {"bert", "gpt2", "roberta", "vit"}
+
+
+# ------------------------------------------------------------------- like with like across depth
+
+def test_layer_key_reads_the_module_list_index():
+    assert layer_key("bert.encoder.layer.1.attention.head2") == "bert.encoder.layer.1"
+    assert layer_key("transformer.h.0.mlp") == "transformer.h.0"
+    assert layer_key("model.layers.3.mlp.experts.5") == "model.layers.3"
+    assert layer_key("encoder.layers.0.ffn") != layer_key("decoder.layers.0.ffn")
+    assert layer_key("vit.embeddings.patch_embeddings.projection") is None
+    assert layer_key("head[3]") is None  # the default names carry no layer
+
+
+@SETTINGS
+@given(data=st.data())
+def test_relative_to_layer_ignores_a_fixed_scale_per_layer(data):
+    """With relative_to_layer, multiplying every λ of one layer by the same power of two (exact
+    in floating point) at every probe changes no decision: a fixed scale difference between
+    layers cannot decide which layer trains."""
+    kinds = data.draw(kinds_strategy())
+    modular, temporal = data.draw(policy_strategy(kinds))
+    names = modular.names
+    layers = sorted({layer_key(n) for n in names}, key=str)
+    scaled_layer = data.draw(st.sampled_from(layers))
+    factor = 2.0 ** data.draw(st.integers(-12, 12))
+    scale = torch.tensor([factor if layer_key(n) == scaled_layer else 1.0 for n in names],
+                         dtype=torch.float64)
+
+    def make():
+        return ModularPolicy(kinds, mode=modular.mode, alpha=modular.alpha, centre=modular.centre,
+                             budget=modular.budget, hysteresis=modular.hysteresis,
+                             min_dwell=modular.min_dwell, min_active=modular.min_active,
+                             min_active_fraction=modular.min_active_fraction,
+                             relative_to_layer=True, names=names)
+
+    a, b = make(), make()
+    seq = data.draw(lambda_sequence(len(kinds)))
+    exclude = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds))))
+    for t, lam in enumerate(seq):
+        assert torch.equal(a.update(lam, exclude), b.update(lam * scale, exclude)), f"probe {t}"
+
+
+@SETTINGS
+@given(data=st.data())
+def test_relative_to_layer_without_layers_is_the_plain_score(data):
+    """Names without a layer index (one group): relative_to_layer changes no mask."""
+    kinds = data.draw(kinds_strategy())
+    opts = dict(mode=data.draw(st.sampled_from(["ratio", "budget"])),
+                hysteresis=data.draw(st.floats(0.0, 0.6)), min_dwell=data.draw(st.integers(1, 3)))
+    a = ModularPolicy(kinds, relative_to_layer=True, **opts)
+    b = ModularPolicy(kinds, relative_to_layer=False, **opts)
+    for t, lam in enumerate(data.draw(lambda_sequence(len(kinds)))):
+        assert torch.equal(a.update(lam), b.update(lam)), f"probe {t}"
+
+
+def test_relative_to_layer_keeps_heads_in_both_layers():
+    # Two layers, each 4 heads + 1 FFN; the upper layer's λ is a decade larger (the robustness
+    # runs' shape). The plain score keeps only upper-layer heads; over its layer's median each
+    # layer keeps its larger heads.
+    names = [f"enc.layer.{l}.{m}" for l in (0, 1) for m in ("ffn", "h0", "h1", "h2", "h3")]
+    kinds = ["ffn" if n.endswith("ffn") else "head" for n in names]
+    lam = torch.tensor([5.0, 1, 2, 3, 4, 50, 10, 20, 30, 40])
+    plain = ModularPolicy(kinds, names=names).update(lam)
+    assert plain.tolist() == [False] * 5 + [True] * 5
+    layered = ModularPolicy(kinds, names=names, relative_to_layer=True).update(lam)
+    heads0, heads1 = layered[1:5], layered[6:10]
+    assert heads0.tolist() == [False, False, True, True] and heads1.tolist() == [False, False, True, True]
+
+
+def test_relative_to_layer_must_be_a_bool():
+    with pytest.raises(TypeError, match="relative_to_layer must be True or False"):
+        ModularPolicy(["head"], relative_to_layer="yes")
