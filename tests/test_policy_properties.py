@@ -78,7 +78,7 @@ def names_strategy(draw, kinds):
 def policy_strategy(draw, kinds):
     modular = ModularPolicy(
         kinds, names=draw(names_strategy(kinds)),
-        relative_to_layer=draw(st.booleans()), mode=draw(st.sampled_from(["ratio", "budget"])),
+        relative_to_layer=draw(st.sampled_from([None, "all_kinds", "same_kind"])), mode=draw(st.sampled_from(["ratio", "budget"])),
         alpha=draw(st.floats(0.3, 3.0)), centre=draw(st.sampled_from(["median", "geomean"])),
         budget=draw(st.floats(0.05, 1.0)), hysteresis=draw(st.floats(0.0, 0.6)),
         min_dwell=draw(st.integers(1, 3)),
@@ -319,16 +319,15 @@ def test_layer_key_reads_the_module_list_index():
 
 
 @SETTINGS
-@given(data=st.data())
-def test_relative_to_layer_ignores_a_fixed_scale_per_layer(data):
-    """With relative_to_layer, multiplying every λ of one layer by the same power of two (exact
-    in floating point) at every probe changes no decision: a fixed scale difference between
-    layers cannot decide which layer trains."""
+@given(data=st.data(), mode=st.sampled_from(["all_kinds", "same_kind"]))
+def test_relative_to_layer_ignores_a_fixed_scale_per_layer(data, mode):
+    """Multiplying every λ of one layer by the same power of two (exact in floating point) at
+    every probe changes no decision of a normalised kind: a fixed scale difference between layers
+    cannot decide which layer trains."""
     kinds = data.draw(kinds_strategy())
-    modular, temporal = data.draw(policy_strategy(kinds))
+    modular, _ = data.draw(policy_strategy(kinds))
     names = modular.names
-    layers = sorted({layer_key(n) for n in names}, key=str)
-    scaled_layer = data.draw(st.sampled_from(layers))
+    scaled_layer = data.draw(st.sampled_from(sorted({layer_key(n) for n in names}, key=str)))
     factor = 2.0 ** data.draw(st.integers(-12, 12))
     scale = torch.tensor([factor if layer_key(n) == scaled_layer else 1.0 for n in names],
                          dtype=torch.float64)
@@ -338,42 +337,62 @@ def test_relative_to_layer_ignores_a_fixed_scale_per_layer(data):
                              budget=modular.budget, hysteresis=modular.hysteresis,
                              min_dwell=modular.min_dwell, min_active=modular.min_active,
                              min_active_fraction=modular.min_active_fraction,
-                             relative_to_layer=True, names=names)
+                             relative_to_layer=mode, names=names)
 
     a, b = make(), make()
+    covered = torch.tensor([k in a.normalised_kinds for k in kinds])
     seq = data.draw(lambda_sequence(len(kinds)))
     exclude = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds))))
     for t, lam in enumerate(seq):
-        assert torch.equal(a.update(lam, exclude), b.update(lam * scale, exclude)), f"probe {t}"
+        ma, mb = a.update(lam, exclude), b.update(lam * scale, exclude)
+        assert torch.equal(ma[covered], mb[covered]), f"probe {t}"
 
 
 @SETTINGS
-@given(data=st.data())
-def test_relative_to_layer_without_layers_is_the_plain_score(data):
-    """Names without a layer index (one group): relative_to_layer changes no mask."""
+@given(data=st.data(), mode=st.sampled_from(["all_kinds", "same_kind"]))
+def test_relative_to_layer_without_layers_is_the_plain_score(data, mode):
+    """Names without a layer index: relative_to_layer changes no mask."""
     kinds = data.draw(kinds_strategy())
     opts = dict(mode=data.draw(st.sampled_from(["ratio", "budget"])),
                 hysteresis=data.draw(st.floats(0.0, 0.6)), min_dwell=data.draw(st.integers(1, 3)))
-    a = ModularPolicy(kinds, relative_to_layer=True, **opts)
-    b = ModularPolicy(kinds, relative_to_layer=False, **opts)
+    a = ModularPolicy(kinds, relative_to_layer=mode, **opts)
+    b = ModularPolicy(kinds, relative_to_layer=None, **opts)
+    assert a.normalised_kinds == []
     for t, lam in enumerate(data.draw(lambda_sequence(len(kinds)))):
         assert torch.equal(a.update(lam), b.update(lam)), f"probe {t}"
 
 
+TWO_LAYERS = [f"enc.layer.{l}.{m}" for l in (0, 1) for m in ("ffn", "h0", "h1", "h2", "h3")]
+TWO_LAYER_KINDS = ["ffn" if n.endswith("ffn") else "head" for n in TWO_LAYERS]
+
+
 def test_relative_to_layer_keeps_heads_in_both_layers():
     # Two layers, each 4 heads + 1 FFN; the upper layer's λ is a decade larger (the robustness
-    # runs' shape). The plain score keeps only upper-layer heads; over its layer's median each
-    # layer keeps its larger heads.
-    names = [f"enc.layer.{l}.{m}" for l in (0, 1) for m in ("ffn", "h0", "h1", "h2", "h3")]
-    kinds = ["ffn" if n.endswith("ffn") else "head" for n in names]
+    # runs' shape). The plain score keeps only upper-layer modules; over a median of its layer
+    # each layer keeps its larger heads.
     lam = torch.tensor([5.0, 1, 2, 3, 4, 50, 10, 20, 30, 40])
-    plain = ModularPolicy(kinds, names=names).update(lam)
+    plain = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS).update(lam)
     assert plain.tolist() == [False] * 5 + [True] * 5
-    layered = ModularPolicy(kinds, names=names, relative_to_layer=True).update(lam)
-    heads0, heads1 = layered[1:5], layered[6:10]
-    assert heads0.tolist() == [False, False, True, True] and heads1.tolist() == [False, False, True, True]
+    for mode in ("all_kinds", "same_kind"):
+        layered = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, relative_to_layer=mode).update(lam)
+        assert layered[1:5].tolist() == [False, False, True, True], mode
+        assert layered[6:10].tolist() == [False, False, True, True], mode
 
 
-def test_relative_to_layer_must_be_a_bool():
-    with pytest.raises(TypeError, match="relative_to_layer must be True or False"):
-        ModularPolicy(["head"], relative_to_layer="yes")
+def test_same_kind_leaves_one_per_layer_kinds_raw():
+    # FFN: one per layer, so "same_kind" compares the FFN blocks' raw λ across layers (the larger
+    # one trains), where "all_kinds" compares each with its own layer's heads.
+    lam = torch.tensor([5.0, 1, 2, 3, 4, 20, 10, 20, 30, 40])  # FFN 5 vs 20; layer medians 3, 20
+    same = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, relative_to_layer="same_kind")
+    assert same.normalised_kinds == ["head"]
+    mask = same.update(lam)
+    assert (mask[0].item(), mask[5].item()) == (False, True)
+    every = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, relative_to_layer="all_kinds")
+    assert every.normalised_kinds == ["ffn", "head"]
+    mask = every.update(lam)  # FFN over its layer's median: 5/3 vs 20/20
+    assert (mask[0].item(), mask[5].item()) == (True, False)
+
+
+def test_relative_to_layer_rejects_unknown_values():
+    with pytest.raises(ValueError, match="relative_to_layer must be None, 'all_kinds' or 'same_kind'"):
+        ModularPolicy(["head"], relative_to_layer=True)
