@@ -21,7 +21,8 @@ Every constant is a documented default; docs/policy.md gives the table and the e
 measured on the benchmark suite (mode, α, hysteresis, min_dwell, relative_to_history, the
 temporal policy's start; ε and patience replayed on recorded λ) or kept at its reasoned value
 (ema_decay; centre, run on one seed only; min_active, min_active_fraction and scale_probes, set
-against issue 15's failures and checked off the home benchmark, docs/robustness.md).
+against issue 15's failures and checked off the home benchmark, docs/robustness.md;
+relative_to_layer, an option tried there on validation seeds and not made the default).
 
 Invariants (docs/policy.md, tested as properties in tests/test_policy_properties.py): a kind is
 never entirely frozen unless all its modules are retired; each kind keeps its minimum of active
