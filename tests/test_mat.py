@@ -370,11 +370,12 @@ def test_report_and_should_stop(device):
     mat.close()
 
 
-@pytest.mark.parametrize("eps, stops_at", [(1e9, 3), (1e-300, None)])
-def test_should_stop_becomes_true_when_every_module_retires(eps, stops_at):
+@pytest.mark.parametrize("eps, retires", [(1e9, True), (1e-300, False)])
+def test_should_stop_becomes_true_when_every_module_retires(eps, retires):
     # Every module trains (budget 1.0) and is probed at every step. With ε huge, every ratio is
-    # below ε: the temporal policy's streak reaches patience = 2 at the third probe (the first
-    # only records λ), so should_stop is False after steps 1 and 2 and True from step 3 on.
+    # below ε once the scale is set: a module retires at the temporal policy's probes_to_retire-th
+    # probe (λ_0, the W = scale_probes intervals of its scale, patience intervals below ε: 8 with
+    # the defaults), so should_stop is False before that probe and True from it on.
     # With ε tiny no module retires and should_stop stays False.
     model = make_model()
 
@@ -385,11 +386,13 @@ def test_should_stop_becomes_true_when_every_module_retires(eps, stops_at):
                          warmup=0, probe_every=1)
 
     mat = build(model, policy_fn=policy)
+    stops_at = mat.policy.temporal.probes_to_retire if retires else None
+    assert stops_at is None or stops_at == 1 + mat.policy.temporal.scale_probes + 2
     seen = []
-    for b in make_batches(5):
+    for b in make_batches(10):
         step(mat, model, b)
         seen.append(mat.should_stop)
-    want = [stops_at is not None and k + 1 >= stops_at for k in range(5)]
+    want = [stops_at is not None and k + 1 >= stops_at for k in range(10)]
     assert seen == want
     if stops_at is not None:
         assert mat.report()["converged_kinds"] == ["head", "ffn"]
