@@ -21,7 +21,8 @@ Every constant is a documented default; docs/policy.md gives the table and the e
 measured on the benchmark suite (mode, α, hysteresis, min_dwell, relative_to_history, the
 temporal policy's start; ε and patience replayed on recorded λ) or kept at its reasoned value
 (ema_decay; centre, run on one seed only; min_active, min_active_fraction and scale_probes, set
-against issue 15's failures and checked off the home benchmark, docs/robustness.md).
+against issue 15's failures and checked off the home benchmark, docs/robustness.md;
+relative_to_layer, an option tried there on validation seeds and not made the default).
 
 Invariants (docs/policy.md, tested as properties in tests/test_policy_properties.py): a kind is
 never entirely frozen unless all its modules are retired; each kind keeps its minimum of active
@@ -37,7 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["Policy", "ModularPolicy", "TemporalPolicy", "MATPolicy", "PolicyScheduleWarning",
-           "check_lambda"]
+           "check_lambda", "layer_key"]
 
 # Internal state is float64 whatever λ's dtype: ratios of λ never overflow or lose ties.
 _STATE_DTYPE = torch.float64
@@ -84,6 +85,69 @@ def _kind_groups(kinds: Sequence[str]) -> dict[str, list[int]]:
     for i, k in enumerate(kinds):
         groups.setdefault(k, []).append(i)
     return groups
+
+
+def layer_key(name: str) -> Optional[str]:
+    """The layer a module belongs to, from its discovery name: the dotted path up to and including
+    its first all-digit component (a ``ModuleList`` index), e.g. "bert.encoder.layer.1" for
+    "bert.encoder.layer.1.attention.head2", "model.layers.3" for "model.layers.3.mlp.experts.5".
+    None when the name has no such component (e.g. a patch-embedding conv, or the default names
+    "kind[index]"). Encoder and decoder stacks get different keys ("encoder.layers.0" vs
+    "decoder.layers.0")."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _layer_groups(names: Sequence[str]) -> dict[Optional[str], list[int]]:
+    """Module indices per layer key (:func:`layer_key`); modules with no layer share key None."""
+    groups: dict[Optional[str], list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(layer_key(n), []).append(i)
+    return groups
+
+
+def _normalisation_groups(kinds: Sequence[str], groups: dict[str, list[int]],
+                          layers: Sequence[Optional[str]], mode: Optional[str]
+                          ) -> tuple[list[list[int]], list[str]]:
+    """The module index groups whose median divides their scores under ``relative_to_layer``
+    ``mode``, and the kinds they cover. "all_kinds": one group per layer (modules with no layer
+    form one group), none when there is a single group (a common divisor changes no decision).
+    "same_kind": one group per (kind, layer), for each kind that spans ≥ 2 layers with ≥ 2
+    modules in every one of them (heads); other kinds (one FFN block per layer, a kind with
+    modules of no layer) get no group and keep their score."""
+    if mode is None:
+        return [], []
+    if mode == "all_kinds":
+        by_layer: dict[Optional[str], list[int]] = {}
+        for i, layer in enumerate(layers):
+            by_layer.setdefault(layer, []).append(i)
+        if len(by_layer) < 2:
+            return [], []
+        return list(by_layer.values()), sorted(set(kinds))
+    out, covered = [], []
+    for kind, idx in groups.items():
+        by_layer = {}
+        for i in idx:
+            by_layer.setdefault(layers[i], []).append(i)
+        if None in by_layer or len(by_layer) < 2 or min(len(v) for v in by_layer.values()) < 2:
+            continue
+        out.extend(by_layer.values())
+        covered.append(kind)
+    return out, covered
+
+
+def _masked_median(s: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
+    """Median of s (n,) float64 over include (n,) bool -> () float64 (mean of the two middle
+    values for an even count), 0 when nothing is included; no host read."""
+    n = include.sum()
+    srt = torch.sort(torch.where(include, s, torch.full_like(s, math.inf))).values
+    lo = ((n - 1).clamp_min(0) // 2).view(1)
+    hi = (n // 2).clamp_max(s.shape[0] - 1).view(1)
+    med = 0.5 * (srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0)
+    return torch.where(n > 0, med, torch.zeros_like(med))
 
 
 def check_lambda(lam: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
@@ -164,6 +228,19 @@ class ModularPolicy(Policy):
         so they compete on equal terms: this counters self-reinforcing selection.
       A zero reference (λ_m(ref) = 0) is replaced by the largest reference of the module's kind
       (or 1 when all are zero), so the score stays finite.
+    ``relative_to_layer`` (default None: off) then divides scores by a median over the same layer
+    (excluded modules left out), to compare like with like across depth: λ differs by about a
+    decade between layers of a small model, and a per-kind threshold on raw λ then keeps one
+    layer and freezes the other (docs/robustness.md).
+      - ``"all_kinds"``: by the median score of the module's layer, every kind of that layer.
+      - ``"same_kind"``: by the median score of the module's kind in its layer, for each kind
+        with ≥ 2 modules in every one of its (≥ 2) layers, e.g. heads; a kind with one module
+        per layer (FFN blocks) keeps its score (``normalised_kinds`` lists the kinds covered).
+    A module's layer is read from its name (:func:`layer_key`: the path up to its first
+    all-digit component, the index discovery's names carry, e.g. "encoder.layer.1"). Fallback
+    when a name has none (a patch embedding; the default names "kind[index]"): "all_kinds" puts
+    those modules in one group of their own, "same_kind" leaves their kind unnormalised. With no
+    layer index in any name, both give the masks of the plain score.
 
     Decision per kind (modules of kind k, M_k of them, current active set A):
       - ``mode="ratio"``: c = centre(s) over all modules of the kind (active and frozen), median
@@ -206,7 +283,9 @@ class ModularPolicy(Policy):
             kind's modules not excluded).
         min_active_fraction: f in [0, 1], the fewest active modules per kind as a fraction of
             its modules not excluded, rounded up (default 0.25; see "Minimum per kind").
-        names: module names for error messages (default "kind[index]").
+        relative_to_layer: None (default), "all_kinds" or "same_kind" (see Score).
+        names: module names for error messages and, with ``relative_to_layer``, the layer of
+            each module (default "kind[index]": no layer).
     """
 
     def __init__(
@@ -222,6 +301,7 @@ class ModularPolicy(Policy):
         ema_decay: float = 0.9,
         min_active: int = 1,
         min_active_fraction: float = DEFAULT_MIN_ACTIVE_FRACTION,
+        relative_to_layer: Optional[str] = None,
         names: Optional[Sequence[str]] = None,
     ):
         super().__init__(kinds, names)
@@ -244,7 +324,18 @@ class ModularPolicy(Policy):
             raise ValueError(f"min_active must be an integer ≥ 1, got {min_active}")
         if not 0 <= min_active_fraction <= 1:
             raise ValueError(f"min_active_fraction must be in [0, 1], got {min_active_fraction}")
+        if relative_to_layer not in (None, "all_kinds", "same_kind"):
+            raise ValueError(f"relative_to_layer must be None, 'all_kinds' or 'same_kind', got "
+                             f"{relative_to_layer!r}")
         self.min_active, self.min_active_fraction = int(min_active), float(min_active_fraction)
+        self.relative_to_layer = relative_to_layer
+        # Layer of each module from its name (layer_key); None = no layer index in the name.
+        self.layers = [layer_key(n) for n in self.names]
+        self.layer_groups = _layer_groups(self.names)
+        # The index groups whose median divides their scores (see Score), and the kinds they cover.
+        self.normalised_groups, self.normalised_kinds = _normalisation_groups(
+            self.kinds, self.groups, self.layers, relative_to_layer)
+        self._layer_indices: dict[str, list[torch.Tensor]] = {}
         self.mode, self.alpha, self.centre = mode, float(alpha), centre
         self.budget, self.hysteresis, self.min_dwell = float(budget), float(hysteresis), int(min_dwell)
         self.relative_to_history, self.ema_decay = relative_to_history, float(ema_decay)
@@ -280,6 +371,31 @@ class ModularPolicy(Policy):
         """(M,) float64 score compared within each kind; lam: (M,) float64 (validated);
         include: (M,) bool, the modules whose references may stand in for a zero reference
         (default all; the excluded ones' never do)."""
+        s = self._history_score(lam, include)
+        return self._layer_normalise(s, include) if self.relative_to_layer is not None else s
+
+    def _layer_normalise(self, s: torch.Tensor, include: Optional[torch.Tensor]) -> torch.Tensor:
+        """s divided by the median score of its normalisation group (its layer, or its kind in
+        its layer; modules ``include`` marks, default all): s (M,) float64 -> (M,) float64.
+        Modules in no group keep s. A group whose median is 0 is divided by its largest included
+        score instead, and left as is when that is 0 too (no signal)."""
+        if not self.normalised_groups:
+            return s
+        inc = torch.ones_like(s, dtype=torch.bool) if include is None else include
+        key = str(s.device)
+        if key not in self._layer_indices:
+            self._layer_indices[key] = [torch.tensor(v, device=s.device)
+                                        for v in self.normalised_groups]
+        out = s.clone()
+        for idx in self._layer_indices[key]:
+            sl, il = s[idx], inc[idx]
+            med = _masked_median(sl, il)
+            top = torch.where(il, sl, torch.zeros_like(sl)).max()
+            div = torch.where(med > 0, med, torch.where(top > 0, top, torch.ones_like(top)))
+            out[idx] = sl / div
+        return out
+
+    def _history_score(self, lam: torch.Tensor, include: Optional[torch.Tensor]) -> torch.Tensor:
         if self.reference is None:
             return lam
         ref = self.reference
@@ -296,14 +412,9 @@ class ModularPolicy(Policy):
         (M_k,) bool marks (default all) -> () float64, 0 when none is included; no host read."""
         if include is None:
             include = torch.ones_like(s, dtype=torch.bool)
-        n = include.sum()
         if self.centre == "median":
             # Excluded scores sort last; the middle of the first n is the included median.
-            srt = torch.sort(torch.where(include, s, torch.full_like(s, math.inf))).values
-            lo = ((n - 1).clamp_min(0) // 2).view(1)
-            hi = (n // 2).clamp_max(s.shape[0] - 1).view(1)
-            med = 0.5 * (srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0)
-            return torch.where(n > 0, med, torch.zeros_like(med))
+            return _masked_median(s, include)
         positive = (s > 0) & include
         logs = torch.where(positive, torch.log(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
         count = positive.sum()

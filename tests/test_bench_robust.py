@@ -70,3 +70,22 @@ def test_robust_cli_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "o" / "results.json")
+
+
+def test_relative_to_layer_option_reaches_the_policy():
+    """`--mat-policy relative_to_layer=same_kind` builds a policy that normalises heads per layer
+    of an HF model's discovery names (FFN blocks, one per layer, keep λ); a bad value is a usage
+    error naming the allowed ones."""
+    from benchmarks.train.cli import UsageError, parse_policy_options
+    from benchmarks.train.methods import mat_policy_factory
+
+    opts = parse_policy_options("relative_to_layer=same_kind")
+    assert opts == {"relative_to_layer": "same_kind"}
+    names = [f"bert.encoder.layer.{l}.{m}" for l in (0, 1)
+             for m in ("ffn", "attention.head0", "attention.head1")]
+    kinds = ["ffn" if n.endswith("ffn") else "head" for n in names]
+    policy = mat_policy_factory(opts, warmup=0, probe_every=1)(kinds, names)
+    assert policy.modular.relative_to_layer == "same_kind"
+    assert policy.modular.normalised_kinds == ["head"]
+    with pytest.raises(UsageError, match="relative_to_layer must be None, 'all_kinds' or 'same_kind'"):
+        parse_policy_options("relative_to_layer=depth")

@@ -21,7 +21,7 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from mat_cuda.policy import MATPolicy, ModularPolicy, TemporalPolicy  # noqa: E402
+from mat_cuda.policy import MATPolicy, ModularPolicy, TemporalPolicy, layer_key  # noqa: E402
 
 RECORDED = os.path.join(os.path.dirname(__file__), "..", "docs", "results",
                         "robust-lambda-histories.json")
@@ -67,9 +67,18 @@ def kinds_strategy(draw):
 
 
 @st.composite
+def names_strategy(draw, kinds):
+    """Module names as discovery writes them, each in one of up to 3 layers or in none."""
+    layers = [draw(st.sampled_from([None, 0, 1, 2])) for _ in kinds]
+    return [f"embed.{k}{i}" if layer is None else f"model.layers.{layer}.{k}{i}"
+            for i, (k, layer) in enumerate(zip(kinds, layers))]
+
+
+@st.composite
 def policy_strategy(draw, kinds):
     modular = ModularPolicy(
-        kinds, mode=draw(st.sampled_from(["ratio", "budget"])),
+        kinds, names=draw(names_strategy(kinds)),
+        relative_to_layer=draw(st.sampled_from([None, "all_kinds", "same_kind"])), mode=draw(st.sampled_from(["ratio", "budget"])),
         alpha=draw(st.floats(0.3, 3.0)), centre=draw(st.sampled_from(["median", "geomean"])),
         budget=draw(st.floats(0.05, 1.0)), hysteresis=draw(st.floats(0.0, 0.6)),
         min_dwell=draw(st.integers(1, 3)),
@@ -139,10 +148,12 @@ def test_retired_modules_leave_the_statistics(data):
                                 min_dwell=modular.min_dwell,
                                 relative_to_history=modular.relative_to_history,
                                 ema_decay=modular.ema_decay, min_active=modular.min_active,
-                                min_active_fraction=modular.min_active_fraction)
+                                min_active_fraction=modular.min_active_fraction,
+                                relative_to_layer=modular.relative_to_layer, names=modular.names)
         clone_t = TemporalPolicy(kinds, eps=temporal.eps, patience=temporal.patience,
                                  scale_probes=temporal.scale_probes)
-        return MATPolicy(kinds, modular=clone_m, temporal=clone_t, warmup=0, probe_every=1)
+        return MATPolicy(kinds, modular=clone_m, temporal=clone_t, warmup=0, probe_every=1,
+                         names=modular.names)
 
     a, b = make(*opts), make(*opts)
     seq = data.draw(lambda_sequence(len(kinds), max_probes=30))
@@ -294,3 +305,94 @@ def test_recorded_histories_exist():
     runs = _recorded()
     assert runs, f"{RECORDED} is missing or empty"
     assert {r["model"] for r in runs} >= {"bert", "gpt2", "roberta", "vit"}
+
+
+# ------------------------------------------------------------------- like with like across depth
+
+def test_layer_key_reads_the_module_list_index():
+    assert layer_key("bert.encoder.layer.1.attention.head2") == "bert.encoder.layer.1"
+    assert layer_key("transformer.h.0.mlp") == "transformer.h.0"
+    assert layer_key("model.layers.3.mlp.experts.5") == "model.layers.3"
+    assert layer_key("encoder.layers.0.ffn") != layer_key("decoder.layers.0.ffn")
+    assert layer_key("vit.embeddings.patch_embeddings.projection") is None
+    assert layer_key("head[3]") is None  # the default names carry no layer
+
+
+@SETTINGS
+@given(data=st.data(), mode=st.sampled_from(["all_kinds", "same_kind"]))
+def test_relative_to_layer_ignores_a_fixed_scale_per_layer(data, mode):
+    """Multiplying every λ of one layer by the same power of two (exact in floating point) at
+    every probe changes no decision of a normalised kind: a fixed scale difference between layers
+    cannot decide which layer trains."""
+    kinds = data.draw(kinds_strategy())
+    modular, _ = data.draw(policy_strategy(kinds))
+    names = modular.names
+    scaled_layer = data.draw(st.sampled_from(sorted({layer_key(n) for n in names}, key=str)))
+    factor = 2.0 ** data.draw(st.integers(-12, 12))
+    scale = torch.tensor([factor if layer_key(n) == scaled_layer else 1.0 for n in names],
+                         dtype=torch.float64)
+
+    def make():
+        return ModularPolicy(kinds, mode=modular.mode, alpha=modular.alpha, centre=modular.centre,
+                             budget=modular.budget, hysteresis=modular.hysteresis,
+                             min_dwell=modular.min_dwell, min_active=modular.min_active,
+                             min_active_fraction=modular.min_active_fraction,
+                             relative_to_layer=mode, names=names)
+
+    a, b = make(), make()
+    covered = torch.tensor([k in a.normalised_kinds for k in kinds])
+    seq = data.draw(lambda_sequence(len(kinds)))
+    exclude = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds))))
+    for t, lam in enumerate(seq):
+        ma, mb = a.update(lam, exclude), b.update(lam * scale, exclude)
+        assert torch.equal(ma[covered], mb[covered]), f"probe {t}"
+
+
+@SETTINGS
+@given(data=st.data(), mode=st.sampled_from(["all_kinds", "same_kind"]))
+def test_relative_to_layer_without_layers_is_the_plain_score(data, mode):
+    """Names without a layer index: relative_to_layer changes no mask."""
+    kinds = data.draw(kinds_strategy())
+    opts = dict(mode=data.draw(st.sampled_from(["ratio", "budget"])),
+                hysteresis=data.draw(st.floats(0.0, 0.6)), min_dwell=data.draw(st.integers(1, 3)))
+    a = ModularPolicy(kinds, relative_to_layer=mode, **opts)
+    b = ModularPolicy(kinds, relative_to_layer=None, **opts)
+    assert a.normalised_kinds == []
+    for t, lam in enumerate(data.draw(lambda_sequence(len(kinds)))):
+        assert torch.equal(a.update(lam), b.update(lam)), f"probe {t}"
+
+
+TWO_LAYERS = [f"enc.layer.{l}.{m}" for l in (0, 1) for m in ("ffn", "h0", "h1", "h2", "h3")]
+TWO_LAYER_KINDS = ["ffn" if n.endswith("ffn") else "head" for n in TWO_LAYERS]
+
+
+def test_relative_to_layer_keeps_heads_in_both_layers():
+    # Two layers, each 4 heads + 1 FFN; the upper layer's λ is a decade larger (the robustness
+    # runs' shape). The plain score keeps only upper-layer modules; over a median of its layer
+    # each layer keeps its larger heads.
+    lam = torch.tensor([5.0, 1, 2, 3, 4, 50, 10, 20, 30, 40])
+    plain = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS).update(lam)
+    assert plain.tolist() == [False] * 5 + [True] * 5
+    for mode in ("all_kinds", "same_kind"):
+        layered = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, relative_to_layer=mode).update(lam)
+        assert layered[1:5].tolist() == [False, False, True, True], mode
+        assert layered[6:10].tolist() == [False, False, True, True], mode
+
+
+def test_same_kind_leaves_one_per_layer_kinds_raw():
+    # FFN: one per layer, so "same_kind" compares the FFN blocks' raw λ across layers (the larger
+    # one trains), where "all_kinds" compares each with its own layer's heads.
+    lam = torch.tensor([5.0, 1, 2, 3, 4, 20, 10, 20, 30, 40])  # FFN 5 vs 20; layer medians 3, 20
+    same = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, relative_to_layer="same_kind")
+    assert same.normalised_kinds == ["head"]
+    mask = same.update(lam)
+    assert (mask[0].item(), mask[5].item()) == (False, True)
+    every = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, relative_to_layer="all_kinds")
+    assert every.normalised_kinds == ["ffn", "head"]
+    mask = every.update(lam)  # FFN over its layer's median: 5/3 vs 20/20
+    assert (mask[0].item(), mask[5].item()) == (True, False)
+
+
+def test_relative_to_layer_rejects_unknown_values():
+    with pytest.raises(ValueError, match="relative_to_layer must be None, 'all_kinds' or 'same_kind'"):
+        ModularPolicy(["head"], relative_to_layer=True)
