@@ -59,7 +59,7 @@ def environment() -> dict:
         numpy_version = None
     return {
         "mat_cuda": {"version": mat_cuda.__version__,
-                     "installed_distribution": _distribution_version("mat_cuda"),
+                     "installed_distribution": _distribution_version("mat_cuda") or "none (a source tree)",
                      "location": os.path.dirname(os.path.abspath(mat_cuda.__file__))},
         "python": f"{platform.python_version()} ({platform.python_implementation()}, "
                   f"{sys.executable})",
@@ -72,11 +72,11 @@ def environment() -> dict:
         "devices": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
                     "cuda_available": torch.cuda.is_available(),
                     "cuda": _cuda_devices(),
-                    "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")},
+                    "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "unset")},
         "threads": {"torch_num_threads": torch.get_num_threads(),
                     "torch_num_interop_threads": torch.get_num_interop_threads(),
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                    "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+                    "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "unset"),
                     "openmp_in_torch": torch.backends.openmp.is_available()},
     }
 
