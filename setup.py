@@ -38,11 +38,13 @@ def _fail(msg):
 
 
 def _refuse_legacy_develop():
-    """pip older than 21.3 has no PEP 660 editable installs and runs `setup.py develop`, which
-    current setuptools turns into an isolated build without torch: stop with one line."""
+    """pip older than 21.3 (or any pip with setuptools older than 64) has no PEP 660 editable
+    install and runs `setup.py develop`, which current setuptools turns into an isolated build
+    without torch: stop with one line."""
     if "develop" in sys.argv[1:]:
-        _fail("`setup.py develop` is not supported (pip older than 21.3 calls it for `pip install "
-              "-e`): upgrade pip with `python -m pip install -U pip` and install again.")
+        _fail("`setup.py develop` is not supported (pip older than 21.3 or setuptools older than "
+              "64 calls it for `pip install -e`): upgrade them with `python -m pip install -U pip "
+              "setuptools` and install again.")
 
 
 def _import_torch():
