@@ -160,6 +160,24 @@ def _nvidia_pip_include_dirs():
     return sorted(d for d in set(dirs) if os.path.isdir(d))
 
 
+def _build_ext_class(cpp_extension):
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        """torch's BuildExtension (ninja). setuptools compiles an editable install in a fresh
+        temporary folder, so every `pip install -e .` would recompile everything (minutes for the
+        CUDA kernels); here it compiles in build/ instead, and ninja recompiles only what changed
+        (a changed source, flag, torch or MAT_CUDA_BUILD changes the command, so it rebuilds)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                self.build_temp = os.path.join(
+                    ROOT, "build", f"temp-editable-{sys.implementation.cache_tag}")
+
+    return BuildExt
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -235,7 +253,7 @@ def _extensions():
     # Pinned to the build's torch (see the module docstring); a torch without dist-info (built
     # from source) is pinned by its own version string.
     pin = _torch_dist_version(torch) or torch.__version__.split("+")[0]
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True), f"torch=={pin}"
+    return [ext], _build_ext_class(cpp_extension), f"torch=={pin}"
 
 
 def _packages():
