@@ -45,3 +45,18 @@ def test_python_m_mat_cuda_prints_the_report():
     assert out.stdout.startswith("mat_cuda environment report")
     assert f"version: {torch.__version__}" in out.stdout
     assert "build_info:" in out.stdout and "threads:" in out.stdout
+
+
+def test_import_refuses_another_torch_than_the_build():
+    """The extension is bound to the exact torch it was compiled against: importing it under
+    another torch version stops with the fix instead of loading it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mat_cuda.__file__)))
+    code = ("import torch; torch.__version__ = '0.0.1+other'\n"
+            "try:\n    import mat_cuda\nexcept ImportError as e:\n    print('ImportError:', e)\n")
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (f"mat_cuda was compiled against torch {torch.__version__} but torch 0.0.1+other is "
+            "installed") in out.stdout
+    assert "--no-build-isolation" in out.stdout
