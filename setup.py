@@ -10,6 +10,13 @@ Environment:
 Source layout (globbed, so a new kernel file needs no edit here):
   csrc/ops.cpp, csrc/*/*_cpu.cpp     always compiled (g++)
   csrc/*/*.cu, csrc/*/*_cuda.cpp     compiled only in a CUDA build (nvcc / g++ with CUDA headers)
+
+The declarative part (name, version, extras, the mat-bench script) is in pyproject.toml. This
+file holds what must be code: the extension, the package list (the repository's benchmarks/
+folder installs as mat_cuda.benchmarks), and the one dependency that depends on the build: a
+C++ extension is bound to the exact torch it was compiled against, so the runtime requirement
+is pinned to that torch (torch==<version of the build's torch>), and an isolated build whose
+torch differs from the one already installed in the target environment stops.
 """
 import glob
 import os
@@ -17,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -27,6 +35,67 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 def _fail(msg):
     sys.stderr.write(f"\nmat_cuda setup: error: {msg}\n\n")
     sys.exit(1)
+
+
+def _refuse_legacy_develop():
+    """pip older than 21.3 (or any pip with setuptools older than 64) has no PEP 660 editable
+    install and runs `setup.py develop`, which current setuptools turns into an isolated build
+    without torch: stop with one line."""
+    if "develop" in sys.argv[1:]:
+        _fail("`setup.py develop` is not supported (pip older than 21.3 or setuptools older than "
+              "64 calls it for `pip install -e`): upgrade them with `python -m pip install -U pip "
+              "setuptools` and install again.")
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        _fail("torch is not installed in this environment; the build compiles against it: "
+              "`pip install torch`, then `pip install --no-build-isolation ...` again.")
+    return torch
+
+
+def _torch_dist_version(torch, paths=None):
+    """The version pip knows torch by (its dist-info), e.g. 2.14.1 where torch.__version__ says
+    2.14.1+cu130; None when no distribution metadata is found."""
+    from importlib import metadata
+
+    try:
+        if paths is None:
+            return metadata.version("torch")
+        for dist in metadata.distributions(name="torch", path=paths):
+            return dist.version
+    except metadata.PackageNotFoundError:
+        pass
+    return None
+
+
+def _target_site_dirs():
+    """Where this install puts packages (the environment pip runs in, also under isolation:
+    pip runs the build with the target environment's interpreter)."""
+    paths = sysconfig.get_paths()
+    return sorted({os.path.realpath(paths["purelib"]), os.path.realpath(paths["platlib"])})
+
+
+def _check_isolated_torch(torch):
+    """Stop an isolated build whose torch differs from the target environment's torch.
+
+    pip's build isolation installs the newest torch into a temporary environment; an extension
+    compiled there loads only with that same torch. When the target environment has no torch,
+    the pinned requirement makes pip install the same one; when it has another, stop.
+    """
+    torch_site = os.path.realpath(os.path.dirname(os.path.dirname(torch.__file__)))
+    target = _target_site_dirs()
+    if torch_site in target:
+        return  # --no-build-isolation (or an in-place build): the build's torch is the target's
+    installed = _torch_dist_version(torch, paths=target)
+    built = _torch_dist_version(torch)
+    if installed is not None and installed != built:
+        _fail(f"pip's isolated build environment has torch {built} but this environment has torch "
+              f"{installed}, and the extension only loads with the torch it was compiled against: "
+              "install with `pip install --no-build-isolation ...` (torch, setuptools, wheel and "
+              "ninja installed first).")
 
 
 def _cuda_home_from_nvcc():
@@ -63,6 +132,17 @@ def _resolve_cuda_home():
     return home
 
 
+def _nvcc_release(cuda_home):
+    """The toolkit's release as nvcc states it, e.g. "13.0, V13.0.88" (recorded in build_info)."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    m = re.search(r"release (\S+ V\S+)", out)
+    return m.group(1) if m else "unknown"
+
+
 def _nvidia_pip_include_dirs():
     """Include folders of the `nvidia-*` pip packages a CUDA torch depends on.
 
@@ -80,6 +160,24 @@ def _nvidia_pip_include_dirs():
     return sorted(d for d in set(dirs) if os.path.isdir(d))
 
 
+def _build_ext_class(cpp_extension):
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        """torch's BuildExtension (ninja). setuptools compiles an editable install in a fresh
+        temporary folder, so every `pip install -e .` would recompile everything (minutes for the
+        CUDA kernels); here it compiles in build/ instead, and ninja recompiles only what changed
+        (a changed source, flag, torch or MAT_CUDA_BUILD changes the command, so it rebuilds)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                self.build_temp = os.path.join(
+                    ROOT, "build", f"temp-editable-{sys.implementation.cache_tag}")
+
+    return BuildExt
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -91,7 +189,8 @@ def _extensions():
 
     cuda_home = _resolve_cuda_home() if mode != "cpu" else None
 
-    import torch
+    torch = _import_torch()
+    _check_isolated_torch(torch)
     from torch.utils import cpp_extension
 
     want_cuda = mode == "cuda" or (mode == "auto" and torch.version.cuda is not None and cuda_home)
@@ -126,7 +225,9 @@ def _extensions():
         arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
         define_macros += [("MAT_CUDA_WITH_CUDA", "1"),
                           ("MAT_CUDA_ARCH_LIST", f'"{arch_list}"'),
-                          ("MAT_CUDA_CUDA_VERSION", f'"{torch.version.cuda}"')]
+                          ("MAT_CUDA_CUDA_VERSION", f'"{torch.version.cuda}"'),
+                          ("MAT_CUDA_NVCC_VERSION", f'"{_nvcc_release(cuda_home)}"'),
+                          ("MAT_CUDA_CUDA_HOME", f'"{cuda_home}"')]
         include_dirs += _nvidia_pip_include_dirs()
         nvcc_flags = ["-O3", "-lineinfo",
                       "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
@@ -149,25 +250,28 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+    # Pinned to the build's torch (see the module docstring); a torch without dist-info (built
+    # from source) is pinned by its own version string.
+    pin = _torch_dist_version(torch) or torch.__version__.split("+")[0]
+    return [ext], _build_ext_class(cpp_extension), f"torch=={pin}"
 
 
-ext_modules, build_ext = _extensions()
+def _packages():
+    """mat_cuda and its subpackages, and the repository's benchmarks/ as mat_cuda.benchmarks
+    (never as a top-level `benchmarks`, which would clash with other projects')."""
+    core = find_packages(where=ROOT, include=["mat_cuda", "mat_cuda.*"])
+    bench = find_packages(where=os.path.join(ROOT, "benchmarks"))
+    return core + ["mat_cuda.benchmarks"] + [f"mat_cuda.benchmarks.{p}" for p in bench]
+
+
+_refuse_legacy_develop()
+ext_modules, build_ext, torch_requirement = _extensions()
 
 setup(
-    name="mat_cuda",
-    version="0.1.0",
-    description="Modular Adaptive Training (MAT) for PyTorch: fused masked optimizers, "
-                "batched Lanczos and per-module NTK Gram kernels in C++/CUDA.",
-    packages=find_packages(include=["mat_cuda", "mat_cuda.*", "benchmarks", "benchmarks.*"]),
-    package_data={"mat_cuda": ["data/*.txt"]},
-    python_requires=">=3.9",
-    install_requires=["numpy"],
-    extras_require={"test": ["pytest", "matplotlib", "tqdm", "scikit-learn", "tokenizers", "transformers"],
-                    "bench": ["tqdm", "matplotlib", "scikit-learn", "tokenizers"],
-                    "hf": ["transformers"]},
+    packages=_packages(),
+    package_dir={"mat_cuda.benchmarks": "benchmarks"},
+    # pyproject.toml declares dependencies dynamic: torch's pin is known only at build time.
+    install_requires=[torch_requirement, "numpy"],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
-    entry_points={"console_scripts": ["mat-bench=benchmarks.__main__:main"]},
-    zip_safe=False,
 )

@@ -1,4 +1,8 @@
-"""mat-bench: the package's benchmark suite (`mat-bench ...` or `python -m benchmarks ...`).
+"""mat-bench: the package's benchmark suite (`mat-bench ...`, `python -m mat_cuda.benchmarks ...`,
+or `python -m benchmarks ...` from the repository root).
+
+The repository's benchmarks/ folder installs as the package ``mat_cuda.benchmarks``; every
+import inside it is relative, so it works under both names.
 
 Subcommands:
   kernels   kernel micro-benchmarks against their PyTorch baselines, on every available device
@@ -25,24 +29,26 @@ import json
 import os
 import sys
 
+# Module names relative to this package (benchmarks, or mat_cuda.benchmarks when installed).
 KERNEL_BENCHES = {
-    "optim": "benchmarks.bench_optim",
-    "lanczos": "benchmarks.bench_lanczos",
-    "gram": "benchmarks.bench_gram",
-    "gram_embedding": "benchmarks.bench_gram_embedding",
-    "probe": "benchmarks.bench_probe",
-    "skip": "benchmarks.bench_skip",
-    "mat": "benchmarks.bench_mat",
+    "optim": ".bench_optim",
+    "lanczos": ".bench_lanczos",
+    "gram": ".bench_gram",
+    "gram_embedding": ".bench_gram_embedding",
+    "probe": ".bench_probe",
+    "skip": ".bench_skip",
+    "mat": ".bench_mat",
 }
+_PACKAGE = __package__
 
 
 def _available_kernel_benches() -> dict:
     found = {}
     for name, mod in KERNEL_BENCHES.items():
         try:
-            found[name] = importlib.import_module(mod)
+            found[name] = importlib.import_module(mod, _PACKAGE)
         except ModuleNotFoundError as exc:
-            if exc.name != mod:
+            if exc.name != _PACKAGE + mod:
                 raise
     return found
 

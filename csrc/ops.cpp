@@ -10,6 +10,19 @@
 #define MAT_CUDA_ARCH_LIST ""
 #define MAT_CUDA_CUDA_VERSION ""
 #endif
+#ifndef MAT_CUDA_NVCC_VERSION  // the CUDA toolkit (nvcc --version) of a CUDA build
+#define MAT_CUDA_NVCC_VERSION ""
+#define MAT_CUDA_CUDA_HOME ""
+#endif
+
+// The host compiler that compiled this file (and the extension's other C++ sources).
+#if defined(__clang__)
+#define MAT_CUDA_CXX_COMPILER "clang " __clang_version__
+#elif defined(__GNUC__)
+#define MAT_CUDA_CXX_COMPILER "gcc " __VERSION__
+#else
+#define MAT_CUDA_CXX_COMPILER "unknown"
+#endif
 
 TORCH_LIBRARY(mat_cuda, m) {
   // ---- optim: fused masked optimizer steps (csrc/optim/) ----
@@ -67,6 +80,9 @@ pybind11::dict build_info() {
   info["cuda_version"] = std::string(MAT_CUDA_CUDA_VERSION);
   info["torch_version"] = std::string(MAT_CUDA_TORCH_VERSION);
   info["openmp"] = static_cast<bool>(MAT_CUDA_OPENMP);
+  info["cxx_compiler"] = std::string(MAT_CUDA_CXX_COMPILER);
+  info["cuda_toolkit"] = std::string(MAT_CUDA_NVCC_VERSION);
+  info["cuda_home"] = std::string(MAT_CUDA_CUDA_HOME);
   return info;
 }
 
@@ -75,5 +91,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mat_cuda compiled kernels (ops are registered under torch.ops.mat_cuda)";
   m.def("build_info", &build_info,
-        "What this build compiled: CUDA or not, the arch list, torch and CUDA versions, OpenMP.");
+        "What this build compiled: CUDA or not, the arch list, torch and CUDA versions, OpenMP, "
+        "the host compiler and the CUDA toolkit.");
 }

@@ -20,14 +20,27 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 ops = torch.ops.mat_cuda
 
+# A C++ extension is bound to the exact torch it was compiled against; a different torch may
+# load it and then crash or misbehave, so refuse it here with the fix.
+_BUILT_TORCH = _C.build_info()["torch_version"]
+if _BUILT_TORCH != torch.__version__:
+    raise ImportError(
+        f"mat_cuda was compiled against torch {_BUILT_TORCH} but torch {torch.__version__} is "
+        "installed: rebuild it against this torch with `pip install --no-build-isolation .` "
+        "(`-e .` for an editable install), or reinstall the torch it was built with."
+    )
+
 
 def build_info() -> dict:
     """What the installed extension was compiled with.
 
     Returns a dict with keys ``cuda`` (bool: CUDA kernels compiled), ``cuda_arch_list`` (str),
     ``cuda_version`` (str, CUDA of the torch it was built against), ``torch_version`` (str, the
-    torch it was built against), ``torch_runtime_version`` (str, the torch running now) and
-    ``openmp`` (bool: CPU kernels parallelised with OpenMP).
+    torch it was built against), ``torch_runtime_version`` (str, the torch running now),
+    ``openmp`` (bool: CPU kernels parallelised with OpenMP), ``cxx_compiler`` (str, the host
+    compiler, e.g. ``"gcc 12.2.0"``), ``cuda_toolkit`` (str, nvcc's release, e.g.
+    ``"13.0, V13.0.88"``; empty in a CPU build) and ``cuda_home`` (str, the toolkit's folder;
+    empty in a CPU build).
     """
     info = dict(_C.build_info())
     info["torch_runtime_version"] = torch.__version__

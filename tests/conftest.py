@@ -7,7 +7,9 @@ tests with seed N. The property tests (tests/test_prop_*.py) use hypothesis prof
 ``MAT_HYPOTHESIS_PROFILE`` (see docs/testing.md): ``ci`` (default, derandomized, a few minutes
 for the whole set) or ``long`` (at least 10,000 cases per op).
 """
+import importlib
 import os
+import sys
 import zlib
 
 import pytest
@@ -15,6 +17,18 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import mat_cuda
+
+# The repository's benchmarks/ folder installs as mat_cuda.benchmarks, and tests import it by that
+# name. In a source tree built in place and not installed (`python -m pytest` from the repository
+# root), mat_cuda/ has no benchmarks subpackage: alias the folder under the installed name (its
+# imports are relative, so its modules load as mat_cuda.benchmarks.*).
+try:
+    importlib.import_module("mat_cuda.benchmarks")
+except ModuleNotFoundError as exc:
+    if exc.name != "mat_cuda.benchmarks":
+        raise
+    sys.modules["mat_cuda.benchmarks"] = importlib.import_module("benchmarks")
+    mat_cuda.benchmarks = sys.modules["mat_cuda.benchmarks"]
 
 CUDA_AVAILABLE = torch.cuda.is_available() and mat_cuda.build_info()["cuda"]
 # CUDA parametrisations always exist and are skipped (with the reason) where there is no GPU or

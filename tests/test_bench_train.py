@@ -1,17 +1,19 @@
 """`mat-bench train`: CLI errors, every task × method for a few steps, results.json schema,
 plots, the headline statistics and baseline determinism. Tiny sizes, CPU only."""
+import io
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
 
-from benchmarks.__main__ import main
-from benchmarks.train.methods import MethodError, build_method
-from benchmarks.train.report import summarize_task
-from benchmarks.train.runner import run_one
-from benchmarks.train.tasks import size_config
+from mat_cuda.benchmarks.__main__ import main
+from mat_cuda.benchmarks.train.methods import MethodError, build_method
+from mat_cuda.benchmarks.train.report import summarize_task
+from mat_cuda.benchmarks.train.runner import run_one
+from mat_cuda.benchmarks.train.tasks import size_config
 
 FRACTIONS = {"head": 0.5, "ffn": 0.5, "expert": 0.5, "conv": 0.5}
 
@@ -105,7 +107,7 @@ def test_freezing_removes_measured_flops():
 
 def test_gradnorm_scores_are_module_gradient_norms():
     task_cfg = _tiny("mlm")
-    from benchmarks.train.tasks import build_task
+    from mat_cuda.benchmarks.train.tasks import build_task
     task = build_task("mlm", task_cfg, 0, "cpu")
     method = build_method("gradnorm", task.model, lr=1e-3, warmup=0, probe_every=1, seed=0,
                           fractions=FRACTIONS)
@@ -136,7 +138,7 @@ def test_gradnorm_scores_are_module_gradient_norms():
 
 
 def test_selection_without_fraction_is_an_error():
-    from benchmarks.train.tasks import build_task
+    from mat_cuda.benchmarks.train.tasks import build_task
     task = build_task("mlm", _tiny("mlm"), 0, "cpu")
     with pytest.raises(MethodError, match="active fraction"):
         build_method("random", task.model, lr=1e-3, warmup=0, probe_every=1, seed=0, fractions={})
@@ -232,14 +234,14 @@ def test_kernels_unknown_name_exits_2(tmp_path, capsys):
 
 # ------------------------------------------------------------- --mat-policy and `report`
 def test_mat_policy_options_reach_the_policy():
-    from benchmarks.train.cli import parse_policy_options
+    from mat_cuda.benchmarks.train.cli import parse_policy_options
 
     opts = parse_policy_options("mode=budget,budget=0.25,hysteresis=0,temporal=off,"
                                 "relative_to_history=none")
     assert opts == {"mode": "budget", "budget": 0.25, "hysteresis": 0, "temporal": False,
                     "relative_to_history": None}
     task_cfg = _tiny("mlm")
-    from benchmarks.train.tasks import build_task
+    from mat_cuda.benchmarks.train.tasks import build_task
 
     task = build_task("mlm", task_cfg, 0, "cpu")
     method = build_method("mat", task.model, lr=1e-3, warmup=3, probe_every=2, seed=0,
@@ -304,7 +306,7 @@ def test_output_kernel_probe_passes_are_charged_at_probes(task_name):
     (not at other steps), once per probe and the same each time; they cost at least one
     forward of the probe batch, and k = 4 projections cost more than logit_sum's one backward."""
     _needs_task_deps(task_name)
-    from benchmarks.train.tasks import build_task
+    from mat_cuda.benchmarks.train.tasks import build_task
     from mat_cuda.flops import FlopMeter
 
     cfg = _tiny(task_name)
@@ -353,3 +355,27 @@ def test_output_kernel_run_records_its_kernel(tmp_path):
     # Same masks would give the same training FLOPs; the output kernel adds its probe passes
     # and skips the loss kernel's all-active probe steps, so the totals differ.
     assert run["total_flops"] != loss_run["total_flops"]
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    """A log file or a pipe gets no tqdm refreshes (cli.py prints one line per finished run);
+    a terminal gets a bar."""
+    pytest.importorskip("tqdm")
+    from mat_cuda.benchmarks.train.runner import _progress
+
+    monkeypatch.setattr(sys, "stderr", _Stream(tty=False))
+    assert _progress(10, "x", enabled=True) is None
+    monkeypatch.setattr(sys, "stderr", _Stream(tty=True))
+    bar = _progress(10, "x", enabled=True)
+    assert bar is not None
+    bar.close()
+    assert _progress(10, "x", enabled=False) is None

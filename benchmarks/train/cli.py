@@ -47,7 +47,8 @@ def add_train_args(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
                    help="MAT's mNTK kernel: loss (default: per-sample loss gradients of the probe "
                         "step's training batch), logit_sum or output (measured on a fixed probe "
                         "batch of the training data at each probe; their passes' FLOPs are counted)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal)")
 
 
 def _split(value: str, allowed, what: str) -> list:

@@ -17,6 +17,7 @@ What is measured, per run:
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -28,7 +29,10 @@ from .tasks import build_task
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    """A tqdm bar on a terminal; None when disabled or when stderr (where tqdm writes) is a file
+    or a pipe: a log then gets the one line per finished run that cli.py prints, not every
+    refresh of a bar."""
+    if not enabled or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
