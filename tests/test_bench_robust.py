@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from benchmarks.__main__ import main  # noqa: E402
-from benchmarks.train import robust  # noqa: E402
+from mat_cuda.benchmarks.__main__ import main  # noqa: E402
+from mat_cuda.benchmarks.train import robust  # noqa: E402
 
 
 @pytest.fixture
@@ -76,8 +76,8 @@ def test_relative_to_layer_option_reaches_the_policy():
     """`--mat-policy relative_to_layer=same_kind` builds a policy that normalises heads per layer
     of an HF model's discovery names (FFN blocks, one per layer, keep λ); a bad value is a usage
     error naming the allowed ones."""
-    from benchmarks.train.cli import UsageError, parse_policy_options
-    from benchmarks.train.methods import mat_policy_factory
+    from mat_cuda.benchmarks.train.cli import UsageError, parse_policy_options
+    from mat_cuda.benchmarks.train.methods import mat_policy_factory
 
     opts = parse_policy_options("relative_to_layer=same_kind")
     assert opts == {"relative_to_layer": "same_kind"}
