@@ -21,7 +21,7 @@ SCHEMA_VERSION = 1
 
 def mean_std(xs) -> tuple:
     xs = [float(x) for x in xs]
-    if not xs:
+    if not xs or any(math.isnan(x) for x in xs):   # statistics.stdev raises on NaN
         return (math.nan, math.nan)
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
