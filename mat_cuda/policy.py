@@ -109,6 +109,21 @@ def _layer_groups(names: Sequence[str]) -> dict[Optional[str], list[int]]:
     return groups
 
 
+def _per_layer_groups(groups: dict[str, list[int]], layers: Sequence[Optional[str]]
+                      ) -> list[list[int]]:
+    """The (kind, layer) module index groups ``min_active_per_layer`` applies to: those with a
+    layer (:func:`layer_key` not None) and at least two modules. A kind with one module per
+    layer (FFN blocks) or modules of no layer gets none."""
+    out = []
+    for idx in groups.values():
+        by_layer: dict[str, list[int]] = {}
+        for i in idx:
+            if layers[i] is not None:
+                by_layer.setdefault(layers[i], []).append(i)
+        out.extend(v for v in by_layer.values() if len(v) >= 2)
+    return out
+
+
 def _normalisation_groups(kinds: Sequence[str], groups: dict[str, list[int]],
                           layers: Sequence[Optional[str]], mode: Optional[str]
                           ) -> tuple[list[list[int]], list[str]]:
@@ -266,6 +281,16 @@ class ModularPolicy(Policy):
     score are activated (ties: lower index), overriding ``min_dwell``. So a kind is entirely
     frozen only when all its modules are excluded (retired).
 
+    Minimum per layer (``min_active_per_layer`` = L, default 0: off). Then, within each
+    (kind, layer) group with at least two modules (layer from the name, :func:`layer_key`), at
+    least min(L, E_g) modules are active, E_g = the group's modules not excluded: when fewer
+    are, the group's frozen ones with the largest score are activated (ties: lower index),
+    overriding ``min_dwell``. This stops the per-kind threshold from freezing a whole layer's
+    heads when λ differs by a decade between layers (docs/robustness.md). It only adds modules,
+    so the per-kind minimum still holds; in budget mode a kind may then have more than K active.
+    No-op when no name carries a layer index (the default names "kind[index]"), and for kinds
+    with one module per layer.
+
     A frozen module that becomes active again is a re-entry; ``reentries`` counts them per module.
 
     Args:
@@ -284,6 +309,8 @@ class ModularPolicy(Policy):
         min_active_fraction: f in [0, 1], the fewest active modules per kind as a fraction of
             its modules not excluded, rounded up (default 0.25; see "Minimum per kind").
         relative_to_layer: None (default), "all_kinds" or "same_kind" (see Score).
+        min_active_per_layer: L, integer ≥ 0, the fewest active modules per (kind, layer) group
+            of ≥ 2 modules (default 0: off; see "Minimum per layer").
         names: module names for error messages and, with ``relative_to_layer``, the layer of
             each module (default "kind[index]": no layer).
     """
@@ -302,6 +329,7 @@ class ModularPolicy(Policy):
         min_active: int = 1,
         min_active_fraction: float = DEFAULT_MIN_ACTIVE_FRACTION,
         relative_to_layer: Optional[str] = None,
+        min_active_per_layer: int = 0,
         names: Optional[Sequence[str]] = None,
     ):
         super().__init__(kinds, names)
@@ -327,7 +355,11 @@ class ModularPolicy(Policy):
         if relative_to_layer not in (None, "all_kinds", "same_kind"):
             raise ValueError(f"relative_to_layer must be None, 'all_kinds' or 'same_kind', got "
                              f"{relative_to_layer!r}")
+        if (isinstance(min_active_per_layer, bool) or int(min_active_per_layer) != min_active_per_layer
+                or min_active_per_layer < 0):
+            raise ValueError(f"min_active_per_layer must be an integer ≥ 0, got {min_active_per_layer}")
         self.min_active, self.min_active_fraction = int(min_active), float(min_active_fraction)
+        self.min_active_per_layer = int(min_active_per_layer)
         self.relative_to_layer = relative_to_layer
         # Layer of each module from its name (layer_key); None = no layer index in the name.
         self.layers = [layer_key(n) for n in self.names]
@@ -336,6 +368,10 @@ class ModularPolicy(Policy):
         self.normalised_groups, self.normalised_kinds = _normalisation_groups(
             self.kinds, self.groups, self.layers, relative_to_layer)
         self._layer_indices: dict[str, list[torch.Tensor]] = {}
+        # The (kind, layer) groups the per-layer minimum applies to (empty when it is off).
+        self.per_layer_groups = (_per_layer_groups(self.groups, self.layers)
+                                 if self.min_active_per_layer > 0 else [])
+        self._per_layer_indices: dict[str, list[torch.Tensor]] = {}
         self.mode, self.alpha, self.centre = mode, float(alpha), centre
         self.budget, self.hysteresis, self.min_dwell = float(budget), float(hysteresis), int(min_dwell)
         self.relative_to_history, self.ema_decay = relative_to_history, float(ema_decay)
@@ -458,13 +494,32 @@ class ModularPolicy(Policy):
                 chosen[order[: self.budget_count(kind)]] = True
                 chosen = chosen & ek
             new[idx] = self._top_up(chosen, sk, ek)
-        return new
+        return self._top_up_layers(new, s, eligible)
 
-    def _top_up(self, chosen: torch.Tensor, s: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-        """One kind's mask with the minimum enforced: chosen, s, eligible (M_k,) -> (M_k,) bool.
+    def _top_up_layers(self, new: torch.Tensor, s: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        """The mask (M,) with the per-layer minimum enforced in each (kind, layer) group of
+        ``per_layer_groups``: min(L, eligible in the group) active. No host read."""
+        if not self.per_layer_groups:
+            return new
+        key = str(s.device)
+        if key not in self._per_layer_indices:
+            self._per_layer_indices[key] = [torch.tensor(v, device=s.device)
+                                            for v in self.per_layer_groups]
+        out = new.clone()
+        for idx in self._per_layer_indices[key]:
+            eg = eligible[idx]
+            want = torch.minimum(eg.sum(), torch.full_like(eg.sum(), self.min_active_per_layer))
+            out[idx] = self._top_up(out[idx] & eg, s[idx], eg, want) | out[idx]
+        return out
+
+    def _top_up(self, chosen: torch.Tensor, s: torch.Tensor, eligible: torch.Tensor,
+                count: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One group's mask with a minimum enforced: chosen, s, eligible (M_k,) -> (M_k,) bool.
         The eligible frozen modules with the largest scores (ties: lower index) are added until
-        min_active_count(eligible) are active. No host read."""
-        need = (self.min_active_count(eligible) - chosen.sum()).clamp_min(0)
+        ``count`` (() int64; default min_active_count(eligible), the per-kind minimum) are
+        active. No host read."""
+        target = self.min_active_count(eligible) if count is None else count
+        need = (target - chosen.sum()).clamp_min(0)
         candidates = eligible & ~chosen
         key = torch.where(candidates, s, torch.full_like(s, -1.0))  # scores are ≥ 0
         order = torch.sort(key, descending=True, stable=True).indices

@@ -89,3 +89,21 @@ def test_relative_to_layer_option_reaches_the_policy():
     assert policy.modular.normalised_kinds == ["head"]
     with pytest.raises(UsageError, match="relative_to_layer must be None, 'all_kinds' or 'same_kind'"):
         parse_policy_options("relative_to_layer=depth")
+
+
+def test_min_active_per_layer_option_reaches_the_policy():
+    """`--mat-policy min_active_per_layer=1` builds a policy with a minimum per (kind, layer)
+    group of heads (FFN blocks, one per layer, get none); a bad value is a usage error."""
+    from mat_cuda.benchmarks.train.cli import UsageError, parse_policy_options
+    from mat_cuda.benchmarks.train.methods import mat_policy_factory
+
+    opts = parse_policy_options("min_active_per_layer=1")
+    assert opts == {"min_active_per_layer": 1}
+    names = [f"bert.encoder.layer.{l}.{m}" for l in (0, 1)
+             for m in ("ffn", "attention.head0", "attention.head1")]
+    kinds = ["ffn" if n.endswith("ffn") else "head" for n in names]
+    policy = mat_policy_factory(opts, warmup=0, probe_every=1)(kinds, names)
+    assert policy.modular.min_active_per_layer == 1
+    assert policy.modular.per_layer_groups == [[1, 2], [4, 5]]
+    with pytest.raises(UsageError, match="min_active_per_layer must be an integer ≥ 0"):
+        parse_policy_options("min_active_per_layer=-1")

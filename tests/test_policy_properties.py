@@ -56,6 +56,27 @@ def check_invariants(pol, mask, retired_before, where=""):
         if isinstance(pol.modular, ModularPolicy):
             need = required_minimum(pol.modular, eligible)
             assert active >= need, f"{where}: kind {kind} has {active} active, needs {need}"
+    if isinstance(pol.modular, ModularPolicy):
+        check_layer_minimum(pol.modular, mask, retired, where)
+
+
+def layer_groups_of(kinds, names):
+    """(kind, layer) index groups with ≥ 2 modules and a layer, computed independently."""
+    out = {}
+    for i, (k, n) in enumerate(zip(kinds, names)):
+        if layer_key(n) is not None:
+            out.setdefault((k, layer_key(n)), []).append(i)
+    return {g: v for g, v in out.items() if len(v) >= 2}
+
+
+def check_layer_minimum(modular, mask, excluded, where=""):
+    """The per-layer minimum: each (kind, layer) group of ≥ 2 modules has ≥ min(L, eligible)
+    active."""
+    for group, idx in layer_groups_of(modular.kinds, modular.names).items():
+        eligible = int((~excluded[idx]).sum())
+        need = min(modular.min_active_per_layer, eligible)
+        active = int(mask[idx].sum())
+        assert active >= need, f"{where}: group {group} has {active} active, needs {need}"
 
 
 # ------------------------------------------------------------------- strategies
@@ -84,7 +105,8 @@ def policy_strategy(draw, kinds):
         min_dwell=draw(st.integers(1, 3)),
         relative_to_history=draw(st.sampled_from([None, "warmup", "ema"])),
         ema_decay=draw(st.floats(0.0, 0.95)), min_active=draw(st.integers(1, 3)),
-        min_active_fraction=draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])))
+        min_active_fraction=draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
+        min_active_per_layer=draw(st.sampled_from([0, 0, 1, 2])))
     temporal = TemporalPolicy(kinds, eps=draw(st.floats(0.01, 2.0)), patience=draw(st.integers(1, 3)),
                               scale_probes=draw(st.integers(1, 6)))
     return modular, temporal
@@ -149,7 +171,9 @@ def test_retired_modules_leave_the_statistics(data):
                                 relative_to_history=modular.relative_to_history,
                                 ema_decay=modular.ema_decay, min_active=modular.min_active,
                                 min_active_fraction=modular.min_active_fraction,
-                                relative_to_layer=modular.relative_to_layer, names=modular.names)
+                                relative_to_layer=modular.relative_to_layer,
+                                min_active_per_layer=modular.min_active_per_layer,
+                                names=modular.names)
         clone_t = TemporalPolicy(kinds, eps=temporal.eps, patience=temporal.patience,
                                  scale_probes=temporal.scale_probes)
         return MATPolicy(kinds, modular=clone_m, temporal=clone_t, warmup=0, probe_every=1,
@@ -396,3 +420,98 @@ def test_same_kind_leaves_one_per_layer_kinds_raw():
 def test_relative_to_layer_rejects_unknown_values():
     with pytest.raises(ValueError, match="relative_to_layer must be None, 'all_kinds' or 'same_kind'"):
         ModularPolicy(["head"], relative_to_layer=True)
+
+
+# ------------------------------------------------------------------- minimum per layer
+
+@SETTINGS
+@given(data=st.data())
+def test_layer_minimum_holds_with_exclusions(data):
+    """Any λ, any exclusion pattern: every (kind, layer) group of ≥ 2 modules keeps
+    min(L, its modules not excluded) active; excluded modules are never active; the per-kind
+    minimum still holds."""
+    kinds = data.draw(kinds_strategy())
+    names = data.draw(names_strategy(kinds))
+    level = data.draw(st.integers(1, 3))
+    pol = ModularPolicy(kinds, names=names, min_active_per_layer=level,
+                        mode=data.draw(st.sampled_from(["ratio", "budget"])),
+                        min_dwell=data.draw(st.integers(1, 3)),
+                        hysteresis=data.draw(st.floats(0.0, 0.6)))
+    for t, lam in enumerate(data.draw(lambda_sequence(len(kinds)))):
+        exclude = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(kinds),
+                                                  max_size=len(kinds))))
+        mask = pol.update(lam, exclude=exclude)
+        assert not (mask & exclude).any(), f"probe {t}: an excluded module is active"
+        check_layer_minimum(pol, mask, exclude, where=f"probe {t}")
+        for kind, idx in groups_of(kinds).items():
+            need = required_minimum(pol, int((~exclude[idx]).sum()))
+            assert int(mask[idx].sum()) >= need, f"probe {t}: kind {kind}"
+
+
+@SETTINGS
+@given(data=st.data())
+def test_layer_minimum_only_adds_modules(data):
+    """The per-layer minimum never freezes a module the same policy without it keeps, on the
+    first decision (later ones differ through the state); and adds none when every group
+    already meets it."""
+    kinds = data.draw(kinds_strategy())
+    names = data.draw(names_strategy(kinds))
+    lam = data.draw(lambda_sequence(len(kinds), max_probes=1))[0]
+    plain = ModularPolicy(kinds, names=names).update(lam)
+    floor = ModularPolicy(kinds, names=names, min_active_per_layer=1).update(lam)
+    assert (floor | ~plain).all()
+    groups = layer_groups_of(kinds, names)
+    if all(plain[idx].any() for idx in groups.values()):
+        assert torch.equal(plain, floor)
+    for idx in groups.values():  # what was added is the group's top score among the frozen
+        added = floor[idx] & ~plain[idx]
+        if added.any():
+            assert int(added.sum()) == 1
+            frozen = [lam[i].item() for i, p in zip(idx, plain[idx].tolist()) if not p]
+            assert lam[idx][added].item() == max(frozen)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_layer_minimum_without_layers_is_a_no_op(data):
+    """Names without a layer index (the default "kind[index]"): the option changes no mask."""
+    kinds = data.draw(kinds_strategy())
+    a = ModularPolicy(kinds, min_active_per_layer=2)
+    b = ModularPolicy(kinds)
+    assert a.per_layer_groups == []
+    for t, lam in enumerate(data.draw(lambda_sequence(len(kinds)))):
+        assert torch.equal(a.update(lam), b.update(lam)), f"probe {t}"
+
+
+def test_layer_minimum_keeps_a_head_in_each_layer():
+    # The robustness runs' shape: upper layer's λ a decade larger. The plain threshold freezes
+    # layer 0's heads and FFN; L=1 keeps layer 0's best head (index 4), leaves the FFN kind
+    # alone (one FFN block per layer: no group) and changes nothing in layer 1.
+    lam = torch.tensor([5.0, 1, 2, 3, 4, 50, 10, 20, 30, 40])
+    plain = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS).update(lam)
+    pol = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, min_active_per_layer=1)
+    assert pol.per_layer_groups == [[1, 2, 3, 4], [6, 7, 8, 9]]
+    mask = pol.update(lam)
+    assert mask.tolist() == [False, False, False, False, True] + plain[5:].tolist()
+    two = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, min_active_per_layer=2).update(lam)
+    assert two[1:5].tolist() == [False, False, True, True]
+
+
+def test_layer_minimum_overrides_dwell_and_skips_excluded():
+    lam = torch.tensor([5.0, 1, 2, 3, 4, 50, 10, 20, 30, 40])
+    pol = ModularPolicy(TWO_LAYER_KINDS, names=TWO_LAYERS, min_active_per_layer=1, min_dwell=5)
+    exclude = torch.zeros(10, dtype=torch.bool)
+    exclude[4] = True  # layer 0's best head retired: the next best (index 3) is kept
+    mask = pol.update(lam, exclude=exclude)
+    assert mask[1:5].tolist() == [False, False, True, False]
+    exclude[1:5] = True  # all of layer 0's heads retired: the group may be entirely frozen
+    mask = pol.update(lam, exclude=exclude)
+    assert not mask[1:5].any()
+
+
+def test_layer_minimum_rejects_bad_values():
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises((ValueError, TypeError)):
+            ModularPolicy(["head"], min_active_per_layer=bad)
+    with pytest.raises(ValueError, match="min_active_per_layer must be an integer ≥ 0"):
+        ModularPolicy(["head"], min_active_per_layer=-1)
