@@ -50,10 +50,11 @@ def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup
 def environment() -> dict:
     """Device, versions and commit, recorded beside every table of numbers."""
     import mat_cuda
+    from mat_cuda.environment import cpu_name
 
     env = {
         "machine": platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -63,17 +64,6 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _git_commit() -> str:

@@ -25,7 +25,8 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -69,7 +70,7 @@ def environment() -> dict:
                   "debug": torch.version.debug},
         "numpy": numpy_version,
         "build_info": build_info(),
-        "devices": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "devices": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
                     "cuda_available": torch.cuda.is_available(),
                     "cuda": _cuda_devices(),
                     "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "unset")},
