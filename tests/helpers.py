@@ -98,3 +98,16 @@ def sgd_error_scale(p, g, buf, lr, momentum, weight_decay, grad_scale=None):
     d = g + weight_decay * p.double().abs()
     b = momentum * buf.double().abs() + d if buf is not None else d
     return p.double().abs() + lr * (d + (1 + momentum) * b), b
+
+
+def load_example(filename: str):
+    """examples/<filename> imported as a module in this process (its main() runs in-process)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        filename)
+    spec = importlib.util.spec_from_file_location(f"example_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

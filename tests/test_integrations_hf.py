@@ -2,7 +2,6 @@
 built from configs, no download): optimizer swap, scheduler, accumulation, clipping, logging,
 checkpoint and bit-identical resume, stop on convergence, bf16 autocast, the example script.
 Skipped without transformers / accelerate."""
-import importlib.util
 import os
 import re
 
@@ -14,9 +13,9 @@ pytest.importorskip("accelerate")
 
 from mat_cuda import MaskedAdamW, MATPolicy, ModularPolicy, TemporalPolicy  # noqa: E402
 from mat_cuda.integrations.hf import MAT_STATE_NAME, MATCallback, MATTrainer  # noqa: E402
+from helpers import load_example  # noqa: E402
 
 V, T = 61, 8
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bert():
@@ -278,10 +277,7 @@ def test_unsupported_optimizer_raises(tmp_path):
 
 def test_example_script_runs(tmp_path, capsys):
     # In this process (the frameworks are already imported): examples/hf_trainer.py --tiny.
-    spec = importlib.util.spec_from_file_location("example_hf_trainer",
-                                                  os.path.join(ROOT, "examples", "hf_trainer.py"))
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("hf_trainer.py")
     example.main(["--tiny", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "steps 12, probes 6" in out

@@ -3,7 +3,6 @@ through Trainer.fit() (automatic optimization: optimizer swap, scheduler, accumu
 last window, clipping, metrics through log, checkpoint and bit-identical resume, stop on
 convergence, bf16-mixed), manual optimization with MAT called by the module, the example script.
 Skipped without lightning."""
-import importlib.util
 import os
 import re
 
@@ -16,9 +15,9 @@ pl = pytest.importorskip("lightning.pytorch")
 from mat_cuda import MAT, MaskedAdamW, MATPolicy, ModularPolicy, TemporalPolicy  # noqa: E402
 from mat_cuda.integrations.lightning import MATCallback  # noqa: E402
 from mat_cuda.models import BertEncoderMLM, mlm_loss  # noqa: E402
+from helpers import load_example  # noqa: E402
 
 V, T = 30, 6
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _MLMBody:
@@ -233,10 +232,7 @@ def test_standalone_pytorch_lightning_package(tmp_path):
 
 def test_example_script_runs(tmp_path, capsys):
     # In this process (the frameworks are already imported): examples/lightning_fit.py --tiny.
-    spec = importlib.util.spec_from_file_location("example_lightning_fit",
-                                                  os.path.join(ROOT, "examples", "lightning_fit.py"))
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("lightning_fit.py")
     example.main(["--tiny", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "steps 12, probes 6" in out
