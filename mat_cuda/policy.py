@@ -348,16 +348,13 @@ class ModularPolicy(Policy):
             raise ValueError(f"relative_to_history must be None, 'warmup' or 'ema', got {relative_to_history!r}")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if isinstance(min_active, bool) or int(min_active) != min_active or min_active < 1:
-            raise ValueError(f"min_active must be an integer ≥ 1, got {min_active}")
+        min_active = _check_int("min_active", min_active, 1)
         if not 0 <= min_active_fraction <= 1:
             raise ValueError(f"min_active_fraction must be in [0, 1], got {min_active_fraction}")
         if relative_to_layer not in (None, "all_kinds", "same_kind"):
             raise ValueError(f"relative_to_layer must be None, 'all_kinds' or 'same_kind', got "
                              f"{relative_to_layer!r}")
-        if (isinstance(min_active_per_layer, bool) or int(min_active_per_layer) != min_active_per_layer
-                or min_active_per_layer < 0):
-            raise ValueError(f"min_active_per_layer must be an integer ≥ 0, got {min_active_per_layer}")
+        min_active_per_layer = _check_int("min_active_per_layer", min_active_per_layer, 0)
         self.min_active, self.min_active_fraction = int(min_active), float(min_active_fraction)
         self.min_active_per_layer = int(min_active_per_layer)
         self.relative_to_layer = relative_to_layer
@@ -769,9 +766,7 @@ class MATPolicy:
         the run is taken to be 5 × warmup (warm-up ≈ 20% of the run, the documented advice), and
         warmup = 0 cannot be judged (None)."""
         if total_steps is not None:
-            if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps < 1:
-                raise ValueError(f"total_steps must be an integer ≥ 1, got {total_steps}")
-            run, assumed = int(total_steps), ""
+            run, assumed = _check_int("total_steps", total_steps, 1), ""
         elif self.warmup == 0:
             return None
         else:
