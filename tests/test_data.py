@@ -322,20 +322,32 @@ def _write_cifar(folder, n=3, seed=0, meta=True):
 
 
 def test_cifar_reader(tmp_path):
-    batches = _write_cifar(tmp_path / "cifar-10-batches-py")
+    batches = _write_cifar(tmp_path / "cifar-10-batches-py", n=10)
+    all_labels = sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
     for path in (tmp_path, tmp_path / "cifar-10-batches-py"):
-        im = D.load_images(path)
-        assert im.train_x.shape == (15, 3, 32, 32) and im.valid_x.shape == (3, 3, 32, 32)
+        # The two-way split: every train batch is train, test_batch is valid.
+        im = D.load_images(path, test_split=False)
+        assert im.train_x.shape == (50, 3, 32, 32) and im.valid_x.shape == (10, 3, 32, 32)
+        assert im.test_x is None
         assert im.train_x.dtype == torch.float32 and im.train_y.dtype == torch.long
         assert im.class_names == tuple(f"c{i}" for i in range(10)) and im.num_classes == 10
-        raw = batches["data_batch_2"][b"data"][1]  # the 5th train image (batch 2, row 1)
+        raw = batches["data_batch_2"][b"data"][1]  # the 12th train image (batch 2, row 1)
         c, h, w = 2, 5, 31
         # approx (rel 1e-6): the loader's float32 byte/255, one rounding (u32 ≈ 6e-8).
-        assert im.train_x[4, c, h, w].item() == pytest.approx(raw[c * 1024 + h * 32 + w] / 255)
-        assert torch.equal(im.train_x[4], torch.from_numpy(raw.reshape(3, 32, 32) / 255.0).float())
-        assert im.train_y.tolist() == sum((batches[f"data_batch_{i}"][b"labels"]
-                                           for i in range(1, 6)), [])
+        assert im.train_x[11, c, h, w].item() == pytest.approx(raw[c * 1024 + h * 32 + w] / 255)
+        assert torch.equal(im.train_x[11], torch.from_numpy(raw.reshape(3, 32, 32) / 255.0).float())
+        assert im.train_y.tolist() == all_labels
         assert im.valid_y.tolist() == batches["test_batch"][b"labels"]
+        # The three-way split (default): test_batch is test, valid is 10% of the train images
+        # (a fixed draw), train the other 90%; no image is lost or used twice.
+        held = D.load_images(path)
+        assert held.train_x.shape == (45, 3, 32, 32) and held.valid_x.shape == (5, 3, 32, 32)
+        assert torch.equal(held.test_x, im.valid_x) and held.test_y.tolist() == im.valid_y.tolist()
+        both = torch.cat([held.train_x, held.valid_x]).flatten(1)
+        order = [int((im.train_x.flatten(1) == row).all(1).nonzero()) for row in both]
+        assert sorted(order) == list(range(50))
+        assert torch.equal(torch.cat([held.train_y, held.valid_y]), im.train_y[order])
+        assert torch.equal(D.load_images(path).valid_x, held.valid_x)
 
 
 def test_cifar_without_meta_names_classes_by_index(tmp_path):
@@ -393,18 +405,32 @@ def _sklearn_available():
 def test_digits_default():
     im = D.load_images()
     assert im.source == "digits" and im.num_classes == 10
-    assert im.train_x.shape == (1438, 3, 32, 32) and im.valid_x.shape == (359, 3, 32, 32)
+    assert im.train_x.shape == (1079, 3, 32, 32) and im.valid_x.shape == (359, 3, 32, 32)
+    assert im.test_x.shape == (359, 3, 32, 32) and im.test_y.shape == (359,)
     assert 0.0 <= im.train_x.min() and im.train_x.max() <= 1.0 and im.train_x.max() > 0.9
     assert torch.equal(im.train_x[:, 0], im.train_x[:, 2])
-    assert sorted(torch.cat([im.train_y, im.valid_y]).bincount().tolist())[0] > 150
+    assert sorted(torch.cat([im.train_y, im.valid_y]).bincount().tolist())[0] > 100
     again = D.load_images()
     assert torch.equal(again.valid_x, im.valid_x) and torch.equal(again.train_y, im.train_y)
+    assert torch.equal(again.test_x, im.test_x)
     grey = D.load_images(channels=1)
-    assert grey.train_x.shape == (1438, 1, 32, 32) and torch.equal(grey.train_x[:, 0], im.train_x[:, 0])
-    # The two splits together are the whole data set.
+    assert grey.train_x.shape == (1079, 1, 32, 32) and torch.equal(grey.train_x[:, 0], im.train_x[:, 0])
+    # The three splits together are the whole data set, with no image in two splits.
     from sklearn.datasets import load_digits
     target = torch.from_numpy(load_digits().target).long()
-    assert torch.equal(torch.cat([im.train_y, im.valid_y]).bincount(), target.bincount())
+    assert torch.equal(torch.cat([im.train_y, im.valid_y, im.test_y]).bincount(), target.bincount())
+
+
+@pytest.mark.skipif(not _sklearn_available(), reason="scikit-learn not installed")
+def test_digits_two_way_split_is_the_earlier_one():
+    """test_split=False: the same valid images, train = the three-way train + test (so runs
+    measured on the two-way split, issue 15's robust suite, are reproducible)."""
+    three, two = D.load_images(), D.load_images(test_split=False)
+    assert two.test_x is None and two.test_y is None
+    assert two.train_x.shape == (1438, 3, 32, 32)
+    assert torch.equal(two.valid_x, three.valid_x) and torch.equal(two.valid_y, three.valid_y)
+    assert torch.equal(two.train_x, torch.cat([three.test_x, three.train_x]))
+    assert torch.equal(two.train_y, torch.cat([three.test_y, three.train_y]))
 
 
 def test_digits_without_sklearn_is_a_clear_error(monkeypatch):

@@ -32,6 +32,11 @@ def add_train_args(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     p.add_argument("--eval-every", type=int, default=None, help="override the evaluation interval")
     p.add_argument("--warmup", type=int, default=None, help="override the warm-up steps")
     p.add_argument("--probe-every", type=int, default=None, help="override the probe interval")
+    p.add_argument("--patience", type=int, default=None,
+                   help="run to convergence: stop a run once its validation loss has not improved "
+                        "for this many evaluations (--steps is then a cap; the 'heldout' size "
+                        "sets it); every method is then reported at its best-valid checkpoint, "
+                        "on the test split")
     p.add_argument("--text-data", default=None,
                    help="UTF-8 text for mlm/moe: a WikiText-style folder or one file "
                         "(default: the embedded standard-library docs)")
@@ -85,7 +90,7 @@ def parse_plan(args, quick: bool) -> dict:
     if any(m in SELECTION_METHODS for m in methods) and "mat" not in methods and fractions is None:
         raise UsageError("random and gradnorm run at MAT's measured active fraction: add mat to "
                          "--method (it runs first) or give --active-fraction kind=fraction,...")
-    for name in ("steps", "eval_every", "warmup", "probe_every"):
+    for name in ("steps", "eval_every", "warmup", "probe_every", "patience"):
         v = getattr(args, name)
         if v is not None and (v < (0 if name == "warmup" else 1)):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -98,7 +103,7 @@ def parse_plan(args, quick: bool) -> dict:
     methods = sorted(methods, key=lambda m: ["baseline", "mat"].index(m) if m in ("baseline", "mat") else 2)
     return dict(tasks=tasks, methods=methods, seeds=seeds, size=size, fractions=fractions,
                 overrides={k: getattr(args, k) for k in ("steps", "eval_every", "warmup",
-                                                         "probe_every")
+                                                         "probe_every", "patience")
                            if getattr(args, k) is not None},
                 text_data=args.text_data, image_data=args.image_data,
                 policy_options=policy_options, mat_kernel=args.mat_kernel,

@@ -16,6 +16,8 @@ import math
 import os
 import statistics
 
+from .heldout import is_heldout, markdown_heldout, summarize_heldout
+
 SCHEMA_VERSION = 1
 
 
@@ -76,6 +78,9 @@ def summarize_task(runs: list, ceiling: dict | None) -> dict:
             "curve": curve(rs),
         }
     result = {"methods": methods, "ceiling": ceiling, "headline": None}
+    if all(is_heldout(r) for r in runs):
+        result["heldout"] = summarize_heldout(
+            runs, "accuracy" if runs[0]["task"] == "cnn" else "perplexity")
     base = by_method.get("baseline")
     if not base:
         return result
@@ -122,6 +127,10 @@ def markdown_summary(results: dict) -> str:
     for task, summ in results["summary"].items():
         metric = "perplexity" if task != "cnn" else "accuracy"
         lines += [f"## {task}", ""]
+        if summ.get("heldout"):
+            lines += markdown_heldout(task, summ["heldout"])
+            lines += ["### validation split (the curves every method was stopped and "
+                      "checkpointed on)", ""]
         lines += ["| method | seeds | final val loss | best val loss | Δ final vs baseline "
                   "(paired) | FLOPs (×1e9) | FLOPs / baseline | wall s | wall / baseline | "
                   f"final {metric} | active fraction (after warm-up) |",

@@ -13,7 +13,14 @@ What is measured, per run:
     work, the optimizer, and MAT's Gram/Lanczos kernels (custom ops; their cost is in the wall time).
   - wall time: the training steps (forward, backward, optimizer, probes and mask updates),
     without evaluation and without metering, synchronised on CUDA at each evaluation.
-  - validation loss (and perplexity / accuracy) every ``eval_every`` steps and at the end.
+  - validation loss (and perplexity / accuracy) every ``eval_every`` steps and at the end; with
+    ``cfg["eval_test"]`` the test split's too (``test_loss``, ``test_<metric>``), recorded for
+    reporting only: nothing in a run reads it.
+
+Run length: ``cfg["steps"]`` steps, or with ``cfg["patience"] = P`` until the validation loss has
+not improved for P evaluations in a row (``steps`` is then a cap). The run's best-valid
+checkpoint is the evaluation with the lowest validation loss (``best_valid``: its step, FLOPs,
+wall time and losses): the held-out protocol compares methods at it, on test.
 """
 from __future__ import annotations
 
@@ -74,14 +81,28 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str 
     evals, fraction_history = [], []
     bar = _progress(cfg["steps"], f"{task_name}/{method.name}/seed{seed}", progress)
 
+    patience = cfg.get("patience")
+    eval_test = bool(cfg.get("eval_test", patience is not None))
+    if eval_test and task.evaluate_test is None:
+        raise ValueError(f"task {task_name!r} has no test split, so eval_test cannot be set")
+    best = {"index": 0, "since": 0}
+
     def evaluate(step):
         _sync(device)
         ev = task.evaluate(model)
-        evals.append({"step": step, "flops": total_flops, "wall_s": wall, **ev})
+        point = {"step": step, "flops": total_flops, "wall_s": wall, **ev}
+        if eval_test:
+            point.update({f"test_{k}": v for k, v in task.evaluate_test(model).items()})
+        evals.append(point)
+        if ev["loss"] < evals[best["index"]]["loss"]:
+            best.update(index=len(evals) - 1, since=0)
+        elif len(evals) > 1:
+            best["since"] += 1
         if bar is not None:
             bar.set_postfix(loss=f"{ev['loss']:.3f}")
 
     evaluate(0)
+    stop_reason = "steps"
     for step in range(cfg["steps"]):
         batch = next(batches)
         state = method.compute_state(step)
@@ -104,16 +125,21 @@ def run_one(task_name: str, method_name: str, seed: int, cfg: dict, device: str 
             bar.update(1)
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
             evaluate(step + 1)
+            if patience is not None and best["since"] >= patience:
+                stop_reason = "patience"
+                break
         if method.should_stop:
             if evals[-1]["step"] != step + 1:
                 evaluate(step + 1)
+            stop_reason = "method"
             break
     if bar is not None:
         bar.close()
     losses = [e["loss"] for e in evals]
     return {
         "task": task_name, "method": method.name, "seed": seed,
-        "steps_run": step + 1, "evals": evals,
+        "steps_run": step + 1, "evals": evals, "stop_reason": stop_reason, "patience": patience,
+        "best_valid": evals[best["index"]],
         "final_loss": losses[-1], "best_loss": min(losses),
         "total_flops": total_flops, "wall_s": wall,
         "flops_measured": state_flops_list,
