@@ -133,3 +133,25 @@ def test_cli_heldout_table(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["train", "--size", "tiny", "--patience", "0", "--out", str(tmp_path / "p")])
     assert rc == 2 and "--patience" in capsys.readouterr().err
+
+
+def test_extract_keeps_what_the_tables_are_computed_from(tmp_path):
+    """scripts/heldout_extract.py: the compact record committed to docs/results gives the same
+    held-out statistics as the full results.json, and the plot draws from it."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "heldout_extract.py")
+    spec = importlib.util.spec_from_file_location("heldout_extract", path)
+    extract_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extract_mod)
+    out = tmp_path / "o"
+    assert main(["train", "--size", "tiny", "--patience", "2", "--steps", "6", "--eval-every", "2",
+                 "--method", "baseline,mat,random", "--seeds", "0,1", "--out", str(out),
+                 "--no-progress"]) == 0
+    full = json.loads((out / "results.json").read_text())
+    assert extract_mod.main([str(out / "results.json"), str(tmp_path / "x.json")]) == 0
+    small = json.loads((tmp_path / "x.json").read_text())
+    assert summarize_heldout(small["runs"], "perplexity") == summarize_heldout(full["runs"], "perplexity")
+    pytest.importorskip("matplotlib")
+    assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
