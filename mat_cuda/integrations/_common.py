@@ -122,3 +122,15 @@ class MATMetrics:
                 converged += r == len(idx)
         out[f"{pre}converged_kinds"] = float(converged)
         return out
+
+
+def converged_at_new_probe(mat: MAT, probes_seen: int, step: int, logger) -> tuple:
+    """``(stop, probes_seen)``: whether every module kind of ``mat`` has converged, checked only
+    when a probe ran since the last check (``probes_seen`` probes then; the count to keep is
+    returned); logs the stop on ``logger`` at ``step``."""
+    if len(mat.probe_steps) == probes_seen:
+        return False, probes_seen
+    stop = bool(mat.should_stop)
+    if stop:
+        logger.info("MATCallback: every module kind converged at step %d; stopping", step)
+    return stop, len(mat.probe_steps)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from ..mat import MAT
 from . import _private
-from ._common import MATMetrics, MATOptions
+from ._common import MATMetrics, MATOptions, converged_at_new_probe
 
 logger = logging.getLogger("mat_cuda.integrations.lightning")
 
@@ -88,11 +88,10 @@ class MATCallbackLogic:
         mat.after_optimizer_step()
         if self.log_metrics:
             pl_module.log_dict(self._metrics(), on_step=True, on_epoch=False)
-        if self.stop_on_convergence and len(mat.probe_steps) != self._probes_seen:
-            self._probes_seen = len(mat.probe_steps)
-            if mat.should_stop:
-                logger.info("MATCallback: every module kind converged at step %d; stopping",
-                            trainer.global_step)
+        if self.stop_on_convergence:
+            stop, self._probes_seen = converged_at_new_probe(mat, self._probes_seen,
+                                                             trainer.global_step, logger)
+            if stop:
                 trainer.should_stop = True
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -56,7 +56,7 @@ except ImportError as e:  # pragma: no cover - a transformers upgrade moved them
 from ..mat import MAT
 from ..optim import _MaskedOptimizer
 from . import _private
-from ._common import MATMetrics, MATOptions
+from ._common import MATMetrics, MATOptions, converged_at_new_probe
 
 __all__ = ["MATCallback", "MATTrainer", "MAT_STATE_NAME"]
 
@@ -182,11 +182,10 @@ class MATCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         mat = self._require_mat()
-        if self.stop_on_convergence and len(mat.probe_steps) != self._probes_seen:
-            self._probes_seen = len(mat.probe_steps)
-            if mat.should_stop:
-                logger.info("MATCallback: every module kind converged at step %d; stopping",
-                            state.global_step)
+        if self.stop_on_convergence:
+            stop, self._probes_seen = converged_at_new_probe(mat, self._probes_seen,
+                                                             state.global_step, logger)
+            if stop:
                 control.should_training_stop = True
         return control
 
