@@ -53,10 +53,12 @@ def is_heldout(run: dict) -> bool:
     return "test_loss" in run.get("best_valid", {})
 
 
-def _first_at_or_below(evals: list, key: str, target: float):
-    for e in evals:
-        if e[key] <= target:
-            return e
+def first_at_or_below(points: list, target: float, key: str = "loss"):
+    """The first of ``points`` (evaluations or curve points, in order) whose ``key`` is ≤
+    ``target``; None when none is."""
+    for p in points:
+        if p[key] <= target:
+            return p
     return None
 
 
@@ -96,7 +98,7 @@ def summarize_heldout(runs: list, metric: str) -> dict:
             flops_ratio, wall_ratio, reached = [], [], []
             for s in common:
                 b = base[s]["best_valid"]
-                hit = _first_at_or_below(seeds[s]["evals"], "test_loss", b["test_loss"])
+                hit = first_at_or_below(seeds[s]["evals"], b["test_loss"], key="test_loss")
                 reached.append(hit is not None)
                 if hit is not None:
                     flops_ratio.append(hit["flops"] / b["flops"] if b["flops"] else math.nan)
@@ -122,11 +124,6 @@ def summarize_heldout(runs: list, metric: str) -> dict:
                 out["vs_mat_at_equal_flops"][name] = {**paired(diffs),
                                                       "other_flops_over_budget": within}
     return out
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return statistics.fmean(xs) if xs else math.nan
 
 
 def _ms(xs, digits=4) -> str:

@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 
-from .heldout import is_heldout, markdown_heldout, summarize_heldout
+from .heldout import first_at_or_below, is_heldout, markdown_heldout, summarize_heldout
 
 SCHEMA_VERSION = 1
 
@@ -49,13 +49,6 @@ def curve(runs: list) -> list:
                 point[key] = statistics.fmean(p[key] for p in pts)
         out.append(point)
     return out
-
-
-def _first_reach(c: list, target: float):
-    for p in c:
-        if p["loss"] <= target:
-            return p
-    return None
 
 
 def summarize_task(runs: list, ceiling: dict | None) -> dict:
@@ -98,10 +91,10 @@ def summarize_task(runs: list, ceiling: dict | None) -> dict:
     bc = methods["baseline"]["curve"]
     best = min(bc, key=lambda p: p["loss"])
     target = best["loss"] + best["loss_std"]
-    base_reach = _first_reach(bc, target)
+    base_reach = first_at_or_below(bc, target)
     rows = {}
     for name, m in methods.items():
-        reach = _first_reach(m["curve"], target)
+        reach = first_at_or_below(m["curve"], target)
         best_point = min(m["curve"], key=lambda p: p["loss"])
         row = {"best_loss_of_curve": best_point["loss"], "reached": reach is not None,
                "gap_to_target": None if reach else best_point["loss"] - target}

@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 
+from .heldout import t95
 from .hf_tasks import HF_MODEL, HF_TASKS
 from .report import mean_std
 from .runner import run_one
@@ -33,8 +34,6 @@ LENGTHS = {
 }
 MODELS = {name[3:]: name for name in HF_TASKS}  # "bert" -> "hf-bert"
 METHODS = ("baseline", "mat")
-# Student's t, two-sided 95%, by degrees of freedom (n − 1 seeds).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def robust_config(length: str) -> dict:
@@ -131,7 +130,7 @@ def rows(runs: list) -> list:
         b_mean, b_std = mean_std(base)
         m_mean, _ = mean_std(mat)
         d_mean, d_std = mean_std(diff)
-        half = _T95.get(len(seeds) - 1, 1.96) * d_std / math.sqrt(len(seeds)) if len(seeds) > 1 else math.nan
+        half = t95(len(seeds) - 1) * d_std / math.sqrt(len(seeds)) if len(seeds) > 1 else math.nan
         fractions = [by["mat"][s]["mean_active_fraction_after_warmup"] for s in seeds]
         kinds = list(fractions[0])
         retired = [sum(by["mat"][s].get("retired") or []) for s in seeds]
