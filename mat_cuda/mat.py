@@ -555,7 +555,8 @@ class MAT:
 
     def state_dict(self) -> dict:
         """Masks, policy state (λ histories included), step counters, Ritz vectors, compute
-        counters and per-module step counts. The optimizer's state is its own state_dict."""
+        counters, per-module step counts and the output kernel's projection RNG state. The
+        optimizer's state is its own state_dict."""
         return {
             "names": list(self.module_map.names),
             "kinds": list(self.module_map.kinds),
@@ -569,6 +570,10 @@ class MAT:
             "skipped_probes": self.skipped_probes,
             "probe_steps": list(self.probe_steps),
             "flops": (self._flops_total, self._flops_saved),
+            # The output kernel's projection RNG (None for the other kernels): without it a
+            # resumed run would draw the projections of its next probes again from seed 0.
+            "projection_rng": (None if self.probe.generator is None
+                               else self.probe.generator.get_state()),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -599,6 +604,9 @@ class MAT:
         self.skipped_probes = int(state["skipped_probes"])
         self.probe_steps = list(state["probe_steps"])
         self._flops_total, self._flops_saved = state["flops"]
+        rng = state.get("projection_rng")   # absent in checkpoints saved before it was kept
+        if rng is not None and self.probe.generator is not None:
+            self.probe.generator.set_state(rng)
         self.optimizer.set_module_mask(mask)
         self.optimizer.module_steps.copy_(state["module_steps"].to(self.device))
         self.skipper.set_mask(mask)
@@ -656,6 +664,10 @@ def _check_state(state, mm: ModuleMap) -> None:
             raise ValueError(f"{where}: the state was saved for another module map (its module "
                              f"{key} differ from this MAT's: {list(state[key])[:4]}... vs "
                              f"{list(want)[:4]}...)")
+    rng = state.get("projection_rng")
+    if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
+        raise TypeError(f"{where}: projection_rng must be None or a torch.Generator state "
+                        f"(uint8 tensor), got {getattr(rng, 'dtype', type(rng).__name__)}")
     pol = state["policy"]
     need = ("modular", "temporal", "mask", "last_step", "history")
     if not isinstance(pol, dict) or any(k not in pol for k in need):

@@ -181,6 +181,51 @@ def test_resume_equals_uninterrupted_run(device):
     mat_c.close()
 
 
+def test_resume_with_the_output_kernel_continues_its_projections(device):
+    """The output kernel draws random projections from MAT's own generator: a resumed run
+    must continue that stream, not restart it, to match the uninterrupted run."""
+    data = make_batches(8, device=device)
+    x_probe = make_batches(1, n=5, seed=7, device=device)[0][0]
+    model_a = make_model(device=device)
+    mat_a = build(model_a, kernel="output", probe_inputs=x_probe)
+    for b in data:
+        step(mat_a, model_a, b)
+
+    model_b = make_model(device=device)
+    mat_b = build(model_b, kernel="output", probe_inputs=x_probe)
+    for b in data[:4]:
+        step(mat_b, model_b, b)
+    saved = _checkpoint(model_b, mat_b.optimizer, mat_b)
+    mat_b.close()
+    assert saved[2]["projection_rng"] is not None
+
+    model_c = make_model(seed=123, device=device)
+    mat_c = build(model_c, kernel="output", probe_inputs=x_probe)
+    for b in data[:2]:                      # moves its generator away from a fresh one's state
+        step(mat_c, model_c, b)
+    model_c.load_state_dict(saved[0])
+    mat_c.optimizer.load_state_dict(saved[1])
+    mat_c.load_state_dict(saved[2])
+    for b in data[4:]:
+        step(mat_c, model_c, b)
+    ra, rc = mat_a.report(), mat_c.report()
+    assert_same(ra["lam"], rc["lam"], device) and torch.equal(ra["mask"], rc["mask"])
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert_same(p, q, device)
+    mat_a.close()
+    mat_c.close()
+
+
+def test_load_state_dict_rejects_a_bad_projection_rng():
+    model = make_model()
+    mat = build(model)
+    state = mat.state_dict()
+    state["projection_rng"] = [1, 2, 3]
+    with pytest.raises(TypeError, match="projection_rng"):
+        mat.load_state_dict(state)
+    mat.close()
+
+
 def test_accumulation_probes_only_the_last_micro_batch(device):
     A = 2
     model = make_model(device=device)
