@@ -187,6 +187,9 @@ def _run_robust(args) -> int:
 
     policy = parse_policy_options(args.mat_policy)
     methods = _choices(args.method, robust.METHODS, "--method")
+    if any(m in robust.SELECTION for m in methods) and "mat" not in methods:
+        raise UsageError("--method: random and gradnorm run at MAT's measured active fraction "
+                         "(same seed): add mat")
     robust.run_robust(models, lengths, seeds, _out_dir(args.out), environment(),
                       device=_train_device(args.device), progress=not args.no_progress,
                       policy_options=policy, methods=methods)
@@ -229,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mat-policy", default=None,
                    help="MAT's default policy with key=value,... changed (as in `train`)")
     p.add_argument("--method", default="baseline,mat",
-                   help="comma-separated among baseline,mat (e.g. mat alone, to pair with "
-                        "baseline runs of an earlier invocation through --merge)")
+                   help="comma-separated among baseline,mat,random,gradnorm (e.g. mat alone, "
+                        "to pair with baseline runs of an earlier invocation through --merge; "
+                        "random and gradnorm run at MAT's measured fraction, so need mat)")
     p.add_argument("--merge", nargs="+", default=None,
                    help="table the results folders of earlier `robust` invocations instead of "
                         "running")

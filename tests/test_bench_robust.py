@@ -59,7 +59,42 @@ def test_robust_runs_tables_and_merges(tiny_lengths, tmp_path, capsys):
     assert rc == 2 and "also in" in capsys.readouterr().err
 
 
+def test_robust_controls_run_at_mats_fraction_and_are_tabled(tiny_lengths, tmp_path):
+    out = tmp_path / "c"
+    assert main(["robust", "--model", "gpt2", "--length", "short", "--seeds", "0,1",
+                 "--method", "gradnorm,random,mat", "--out", str(out), "--no-progress"]) == 0
+    res = json.load(open(out / "results.json"))
+    # mat runs first on each seed; the controls train its measured fraction per kind.
+    assert [r["method"] for r in res["runs"]] == ["mat", "random", "gradnorm"] * 2
+    by = {(r["method"], r["seed"]): r for r in res["runs"]}
+    for s in (0, 1):
+        want = by[("mat", s)]["mean_active_fraction_after_warmup"]
+        for control in ("random", "gradnorm"):
+            got = by[(control, s)]["mean_active_fraction_after_warmup"]
+            assert got.keys() == want.keys()
+            for k in want:   # whole modules: within one module of the kind's count
+                assert abs(got[k] - want[k]) <= 0.5, (control, k, got[k], want[k])
+    rows = robust.selection_rows(res["runs"])
+    assert [(r["control"], r["seeds"]) for r in rows] == [("random", [0, 1]), ("gradnorm", [0, 1])]
+    for r in rows:
+        diff = [by[("mat", s)]["final_loss"] - by[(r["control"], s)]["final_loss"] for s in (0, 1)]
+        assert r["diff"][0] == pytest.approx(sum(diff) / 2)
+        assert r["wins"] == sum(d < 0 for d in diff)
+        lo, hi = r["diff_ci95"]
+        assert lo <= r["diff"][0] <= hi
+    assert robust.rows(res["runs"]) == []    # no baseline: no MAT − baseline row
+    table = open(out / "robust.md").read()
+    assert "| gpt2 | short | gradnorm | 2 |" in table and "MAT against equal-compute controls" in table
+
+
+def test_robust_controls_without_mat_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="add mat"):
+        robust.run_robust(["gpt2"], ["short"], [0], str(tmp_path), {}, methods=("random",))
+    assert not os.path.exists(tmp_path / "results.json")
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--method", "baseline,gradnorm"], "add mat"),
     (["--model", "t5"], "--model: unknown"),
     (["--length", "medium"], "--length: unknown"),
     (["--seeds", "0,0"], "distinct"),

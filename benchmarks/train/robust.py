@@ -4,7 +4,9 @@ For every Hugging Face model of hf_tasks.py (tiny config, random init) and every
 (``short`` ~150 steps, ``long`` 1000 steps), the same seeds run twice: ``baseline`` (every module
 trains: plain AdamW through the shared masked harness) and ``mat`` (``mat_cuda.MAT`` with its
 default policy; only warm-up and probe interval are set, to the run's length). Same initial
-weights, same batches. Recorded per row (model, length): the final validation loss of each
+weights, same batches. On request (``--method``) also ``random`` and ``gradnorm``: MAT's
+measured active fraction per kind (same seed) chosen at random or by gradient norm, tabled as
+MAT − control (:func:`selection_rows`). Recorded per row (model, length): the final validation loss of each
 method (seed mean ± sample std), the paired difference mat − baseline (mean ± std, 95% CI with
 Student's t), the FLOPs saved (1 − mat's measured FLOPs / the baseline's, per seed) and MAT's
 analytic estimate, the active fraction after warm-up, modules retired, converged kinds.
@@ -33,7 +35,10 @@ LENGTHS = {
     "long": dict(steps=1000, warmup=200, probe_every=25, eval_every=250),
 }
 MODELS = {name[3:]: name for name in HF_TASKS}  # "bert" -> "hf-bert"
-METHODS = ("baseline", "mat")
+METHODS = ("baseline", "mat", "random", "gradnorm")
+# random and gradnorm train, per kind, MAT's measured active fraction after warm-up (same seed,
+# same invocation), chosen at random or by gradient norm: equal-compute controls for λ.
+SELECTION = ("random", "gradnorm")
 
 
 def robust_config(length: str) -> dict:
@@ -46,7 +51,15 @@ def run_robust(models: list, lengths: list, seeds: list, out: str, environment: 
                methods=METHODS) -> dict:
     """Run every (length, model, seed, method); results.json is rewritten after each run (an
     interrupted invocation keeps what finished); robust.md holds the table. policy_options:
-    MAT's default policy with these constants changed (``--mat-policy``; default: none)."""
+    MAT's default policy with these constants changed (``--mat-policy``; default: none).
+    ``random``/``gradnorm`` need ``mat`` in ``methods`` (they run at its measured fraction, same
+    seed); raises ValueError otherwise, before any run."""
+    methods = list(methods)
+    if any(m in SELECTION for m in methods) and "mat" not in methods:
+        raise ValueError("random and gradnorm run at MAT's measured active fraction (same seed): "
+                         "add mat to the methods")
+    # baseline, mat, then the controls that need mat's fraction
+    methods.sort(key=lambda m: METHODS.index(m))
     results = {"robust_schema": ROBUST_SCHEMA, "environment": environment,
                "config": {"device": device, "models": models, "lengths": lengths,
                           "seeds": seeds, "methods": list(methods),
@@ -56,9 +69,13 @@ def run_robust(models: list, lengths: list, seeds: list, out: str, environment: 
         cfg = robust_config(length)
         for model in models:
             for seed in seeds:
+                mat_fraction = None
                 for method in methods:
                     rec = run_one(MODELS[model], method, seed, cfg, device, progress=progress,
-                                  policy_options=policy_options if method == "mat" else None)
+                                  policy_options=policy_options if method == "mat" else None,
+                                  fractions=mat_fraction if method in SELECTION else None)
+                    if method == "mat":
+                        mat_fraction = rec["mean_active_fraction_after_warmup"]
                     rec["length"], rec["model"] = length, model
                     rec["mat_policy"] = (policy_options or "default") if method == "mat" else None
                     results["runs"].append(rec)
@@ -148,6 +165,33 @@ def rows(runs: list) -> list:
     return out
 
 
+def selection_rows(runs: list) -> list:
+    """One row per (model, length, control) for each control (random, gradnorm) that ran with
+    mat on the same seeds: mat − control in final loss, paired by seed (mean ± std, 95% CI,
+    wins = seeds where mat's loss is lower), and mat's FLOPs over the control's (≈ 1: equal
+    compute)."""
+    out = []
+    keys = list(dict.fromkeys((r["model"], r["length"]) for r in runs))
+    for model, length in keys:
+        by = {m: {r["seed"]: r for r in runs if (r["model"], r["length"], r["method"]) ==
+                  (model, length, m)} for m in METHODS}
+        for control in SELECTION:
+            seeds = sorted(set(by["mat"]) & set(by[control]))
+            if not seeds:
+                continue
+            diff = [by["mat"][s]["final_loss"] - by[control][s]["final_loss"] for s in seeds]
+            ratio = [by["mat"][s]["total_flops"] / by[control][s]["total_flops"] for s in seeds]
+            d_mean, d_std = mean_std(diff)
+            half = (t95(len(seeds) - 1) * d_std / math.sqrt(len(seeds)) if len(seeds) > 1
+                    else math.nan)
+            out.append({"model": model, "length": length, "control": control, "seeds": seeds,
+                        "mat": mean_std([by["mat"][s]["final_loss"] for s in seeds]),
+                        "other": mean_std([by[control][s]["final_loss"] for s in seeds]),
+                        "diff": (d_mean, d_std), "diff_ci95": (d_mean - half, d_mean + half),
+                        "wins": sum(d < 0 for d in diff), "flops_ratio": mean_std(ratio)})
+    return out
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [
@@ -170,6 +214,21 @@ def markdown(results: dict) -> str:
             f"| {_fmt(r['flops_saved'], pct=True)} | {_fmt(r['flops_saved_analytic'], pct=True)} "
             f"| {frac} | {', '.join(str(x) for x in r['retired'])} / {r['modules']} "
             f"| {'yes' if r['passes'] else '**no**'} |")
+    controls = selection_rows(results["runs"])
+    if controls:
+        lines += ["", "MAT against equal-compute controls (the same modules per kind trained, "
+                  "chosen at random or by gradient norm; final validation loss, paired by seed; "
+                  "wins: seeds where MAT's loss is lower):", "",
+                  "| model | length | control | seeds | MAT final loss | control final loss "
+                  "| MAT − control (paired) | 95% CI | MAT wins | MAT FLOPs / control's |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in controls:
+            lo, hi = r["diff_ci95"]
+            lines.append(
+                f"| {r['model']} | {r['length']} | {r['control']} | {len(r['seeds'])} "
+                f"| {_fmt(r['mat'])} | {_fmt(r['other'])} | {_fmt(r['diff'], signed=True)} "
+                f"| [{lo:+.4f}, {hi:+.4f}] | {r['wins']}/{len(r['seeds'])} "
+                f"| {r['flops_ratio'][0]:.3f} |")
     cfgs = results.get("length_configs", {})
     lines += ["", "Schedules: " + "; ".join(
         f"{n}: {c['steps']} steps, warm-up {c['warmup']}, a probe every {c['probe_every']}"
