@@ -128,13 +128,18 @@ def merge(paths: list) -> dict:
     return merged
 
 
+def _by_row(runs: list):
+    """(model, length, {method: {seed: run}}) per (model, length), in the runs' order."""
+    for model, length in dict.fromkeys((r["model"], r["length"]) for r in runs):
+        yield model, length, {m: {r["seed"]: r for r in runs
+                                  if (r["model"], r["length"], r["method"]) == (model, length, m)}
+                              for m in METHODS}
+
+
 def rows(runs: list) -> list:
     """One row per (model, length) with both methods on the same seeds (paired)."""
     out = []
-    keys = list(dict.fromkeys((r["model"], r["length"]) for r in runs))
-    for model, length in keys:
-        by = {m: {r["seed"]: r for r in runs if (r["model"], r["length"], r["method"]) ==
-                  (model, length, m)} for m in METHODS}
+    for model, length, by in _by_row(runs):
         seeds = sorted(set(by["baseline"]) & set(by["mat"]))
         if not seeds:
             continue
@@ -171,10 +176,7 @@ def selection_rows(runs: list) -> list:
     wins = seeds where mat's loss is lower), and mat's FLOPs over the control's (≈ 1: equal
     compute)."""
     out = []
-    keys = list(dict.fromkeys((r["model"], r["length"]) for r in runs))
-    for model, length in keys:
-        by = {m: {r["seed"]: r for r in runs if (r["model"], r["length"], r["method"]) ==
-                  (model, length, m)} for m in METHODS}
+    for model, length, by in _by_row(runs):
         for control in SELECTION:
             seeds = sorted(set(by["mat"]) & set(by[control]))
             if not seeds:
