@@ -85,6 +85,7 @@ def test_robust_controls_run_at_mats_fraction_and_are_tabled(tiny_lengths, tmp_p
     assert robust.rows(res["runs"]) == []    # no baseline: no MAT − baseline row
     table = open(out / "robust.md").read()
     assert "| gpt2 | short | gradnorm | 2 |" in table and "MAT against equal-compute controls" in table
+    assert "within baseline + 1 std" not in table   # no baseline ran: no empty baseline table
 
 
 def test_robust_controls_without_mat_are_refused(tmp_path):

@@ -201,12 +201,16 @@ def markdown(results: dict) -> str:
         f"machine: {env.get('cpu')}, {env.get('gpu', 'no GPU')}; torch {env.get('torch')}; "
         f"commit {env.get('commit')}; MAT policy: {results['config'].get('mat_policy', 'default')}",
         "",
-        "| model | length | seeds | baseline final loss | MAT final loss | MAT − baseline (paired) "
-        "| 95% CI | per seed | FLOPs saved (measured) | FLOPs saved (MAT analytic) "
-        "| active fraction after warm-up | retired / modules | within baseline + 1 std |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows(results["runs"]):
+    baseline_rows = rows(results["runs"])
+    if baseline_rows:   # none when only mat and the controls ran
+        lines += [
+            "| model | length | seeds | baseline final loss | MAT final loss | MAT − baseline "
+            "(paired) | 95% CI | per seed | FLOPs saved (measured) | FLOPs saved (MAT analytic) "
+            "| active fraction after warm-up | retired / modules | within baseline + 1 std |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for r in baseline_rows:
         lo, hi = r["diff_ci95"]
         frac = ", ".join(f"{k} {v:.2f}" for k, v in r["active_fraction"].items())
         lines.append(
