@@ -8,7 +8,10 @@ the best-valid checkpoint, the stop reason and the mean active fraction after wa
 
 Usage:
     python scripts/heldout_extract.py MERGED_RESULTS.json docs/results/heldout-DATE.json
-    python scripts/heldout_extract.py --plot docs/results/heldout-DATE.json docs/heldout_savings.png
+    python scripts/heldout_extract.py --plot docs/results/heldout-DATE.json [MORE.json ...] docs/heldout_savings.png
+
+With several records the plot has one panel per task of all of them (records of different
+tasks, e.g. runs made in different sessions).
 """
 import json
 import statistics
@@ -69,9 +72,12 @@ def plot(record: dict, out: str) -> None:
 
 
 def main(argv) -> int:
-    if len(argv) == 3 and argv[0] == "--plot":
-        with open(argv[1]) as f:
-            plot(json.load(f), argv[2])
+    if len(argv) >= 3 and argv[0] == "--plot":
+        runs = []
+        for path in argv[1:-1]:
+            with open(path) as f:
+                runs += json.load(f)["runs"]
+        plot({"runs": runs}, argv[-1])
         return 0
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)

@@ -154,4 +154,8 @@ def test_extract_keeps_what_the_tables_are_computed_from(tmp_path):
     assert summarize_heldout(small["runs"], "perplexity") == summarize_heldout(full["runs"], "perplexity")
     pytest.importorskip("matplotlib")
     assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "p.png")]) == 0
+    # several records: one figure of all their runs
+    assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "x.json"),
+                             str(tmp_path / "p2.png")]) == 0
+    assert os.path.getsize(tmp_path / "p2.png") > 0
     assert (tmp_path / "p.png").stat().st_size > 1000
