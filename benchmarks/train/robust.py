@@ -24,7 +24,7 @@ import math
 import os
 import statistics
 
-from .heldout import t95
+from .heldout import paired
 from .hf_tasks import HF_MODEL, HF_TASKS
 from .report import mean_std
 from .runner import run_one
@@ -151,15 +151,14 @@ def rows(runs: list) -> list:
                     else by["mat"][s]["mat_compute_saved_analytic"] for s in seeds]
         b_mean, b_std = mean_std(base)
         m_mean, _ = mean_std(mat)
-        d_mean, d_std = mean_std(diff)
-        half = t95(len(seeds) - 1) * d_std / math.sqrt(len(seeds)) if len(seeds) > 1 else math.nan
+        d = paired(diff)
         fractions = [by["mat"][s]["mean_active_fraction_after_warmup"] for s in seeds]
         kinds = list(fractions[0])
         retired = [sum(by["mat"][s].get("retired") or []) for s in seeds]
         out.append({
             "model": model, "length": length, "steps": by["mat"][seeds[0]]["steps_run"],
             "seeds": seeds, "baseline": (b_mean, b_std), "mat": mean_std(mat),
-            "diff": (d_mean, d_std), "diff_ci95": (d_mean - half, d_mean + half),
+            "diff": (d["mean"], d["std"]), "diff_ci95": d["ci"] or (math.nan, math.nan),
             "per_seed_diff": diff,
             "flops_saved": mean_std(saved), "flops_saved_analytic": mean_std(analytic),
             "active_fraction": {k: statistics.fmean(f[k] for f in fractions) for k in kinds},
@@ -183,14 +182,13 @@ def selection_rows(runs: list) -> list:
                 continue
             diff = [by["mat"][s]["final_loss"] - by[control][s]["final_loss"] for s in seeds]
             ratio = [by["mat"][s]["total_flops"] / by[control][s]["total_flops"] for s in seeds]
-            d_mean, d_std = mean_std(diff)
-            half = (t95(len(seeds) - 1) * d_std / math.sqrt(len(seeds)) if len(seeds) > 1
-                    else math.nan)
+            d = paired(diff)
             out.append({"model": model, "length": length, "control": control, "seeds": seeds,
                         "mat": mean_std([by["mat"][s]["final_loss"] for s in seeds]),
                         "other": mean_std([by[control][s]["final_loss"] for s in seeds]),
-                        "diff": (d_mean, d_std), "diff_ci95": (d_mean - half, d_mean + half),
-                        "wins": sum(d < 0 for d in diff), "flops_ratio": mean_std(ratio)})
+                        "diff": (d["mean"], d["std"]),
+                        "diff_ci95": d["ci"] or (math.nan, math.nan),
+                        "wins": d["wins"], "flops_ratio": mean_std(ratio)})
     return out
 
 
