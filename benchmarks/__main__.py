@@ -187,9 +187,10 @@ def _run_robust(args) -> int:
 
     policy = parse_policy_options(args.mat_policy)
     methods = _choices(args.method, robust.METHODS, "--method")
-    if any(m in robust.SELECTION for m in methods) and "mat" not in methods:
-        raise UsageError("--method: random and gradnorm run at MAT's measured active fraction "
-                         "(same seed): add mat")
+    try:
+        robust.check_methods(methods)
+    except ValueError as exc:
+        raise UsageError(f"--method: {exc}") from None
     robust.run_robust(models, lengths, seeds, _out_dir(args.out), environment(),
                       device=_train_device(args.device), progress=not args.no_progress,
                       policy_options=policy, methods=methods)

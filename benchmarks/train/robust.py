@@ -46,6 +46,14 @@ def robust_config(length: str) -> dict:
     return {**HF_MODEL, **LENGTHS[length]}
 
 
+def check_methods(methods) -> None:
+    """Raise ValueError when a control (random, gradnorm) is asked for without mat: they run at
+    mat's measured fraction of the same seed."""
+    if any(m in SELECTION for m in methods) and "mat" not in methods:
+        raise ValueError("random and gradnorm run at MAT's measured active fraction (same seed): "
+                         "add mat to the methods")
+
+
 def run_robust(models: list, lengths: list, seeds: list, out: str, environment: dict,
                device: str = "cpu", progress: bool = True, policy_options: dict | None = None,
                methods=METHODS) -> dict:
@@ -55,9 +63,7 @@ def run_robust(models: list, lengths: list, seeds: list, out: str, environment: 
     ``random``/``gradnorm`` need ``mat`` in ``methods`` (they run at its measured fraction, same
     seed); raises ValueError otherwise, before any run."""
     methods = list(methods)
-    if any(m in SELECTION for m in methods) and "mat" not in methods:
-        raise ValueError("random and gradnorm run at MAT's measured active fraction (same seed): "
-                         "add mat to the methods")
+    check_methods(methods)
     # baseline, mat, then the controls that need mat's fraction
     methods.sort(key=lambda m: METHODS.index(m))
     results = {"robust_schema": ROBUST_SCHEMA, "environment": environment,
