@@ -13,7 +13,7 @@ Subcommands:
   report    merge the results of several `train` invocations (e.g. seeds or methods run in
             parallel) into one summary and one set of plots
   robust    MAT's default policy vs plain AdamW on Hugging Face BERT, GPT-2, RoBERTa and ViT
-            (tiny configs, random init), short and long runs, 3 seeds: the robustness table
+            (tiny configs, random init), short and long runs, 10 seeds: the robustness table
             (benchmarks/train/robust.py); `--merge DIR...` tables earlier invocations
 
 Each kernel benchmark is a module ``benchmarks/bench_<name>.py`` with
@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="bert,gpt2,roberta,vit",
                    help="comma-separated models among bert,gpt2,roberta,vit")
     p.add_argument("--length", default="short,long", help="comma-separated among short,long")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (paired)")
+    p.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9",
+                   help="comma-separated seeds (paired; default: the ten of the table of record)")
     p.add_argument("--mat-policy", default=None,
                    help="MAT's default policy with key=value,... changed (as in `train`)")
     p.add_argument("--method", default="baseline,mat",
