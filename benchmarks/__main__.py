@@ -164,7 +164,7 @@ def _run(args, parser) -> int:
 
 
 def _run_robust(args) -> int:
-    from .train.cli import UsageError
+    from .train.cli import UsageError, parse_seeds, split_choices
     from .train import robust
 
     if args.merge:
@@ -174,19 +174,14 @@ def _run_robust(args) -> int:
             raise UsageError(str(exc)) from None
         robust.finish(merged, _out_dir(args.out))
         return 0
-    models = _choices(args.model, robust.MODELS, "--model")
-    lengths = _choices(args.length, robust.LENGTHS, "--length")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
+    models = split_choices(args.model, robust.MODELS, "--model")
+    lengths = split_choices(args.length, robust.LENGTHS, "--length")
+    seeds = parse_seeds(args.seeds)
     from .timing import environment
     from .train.cli import parse_policy_options
 
     policy = parse_policy_options(args.mat_policy)
-    methods = _choices(args.method, robust.METHODS, "--method")
+    methods = split_choices(args.method, robust.METHODS, "--method")
     try:
         robust.check_methods(methods)
     except ValueError as exc:
@@ -195,16 +190,6 @@ def _run_robust(args) -> int:
                       device=_train_device(args.device), progress=not args.no_progress,
                       policy_options=policy, methods=methods)
     return 0
-
-
-def _choices(text: str, allowed, what: str) -> list:
-    from .train.cli import UsageError
-
-    items = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise UsageError(f"{what}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(items))
 
 
 def main(argv: list[str] | None = None) -> int:

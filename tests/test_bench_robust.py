@@ -96,8 +96,8 @@ def test_robust_controls_without_mat_are_refused(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "baseline,gradnorm"], "add mat"),
-    (["--model", "t5"], "--model: unknown"),
-    (["--length", "medium"], "--length: unknown"),
+    (["--model", "t5"], "unknown --model"),
+    (["--length", "medium"], "unknown --length"),
     (["--seeds", "0,0"], "distinct"),
     (["--merge", "/nonexistent/run"], "No such file"),
 ])

@@ -56,7 +56,9 @@ def add_train_args(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
                    help="no progress bars (they are shown only when stderr is a terminal)")
 
 
-def _split(value: str, allowed, what: str) -> list:
+def split_choices(value: str, allowed, what: str) -> list:
+    """A comma-separated option's values, each in ``allowed``, duplicates dropped (order kept);
+    raises UsageError naming the unknown ones."""
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
@@ -64,18 +66,24 @@ def _split(value: str, allowed, what: str) -> list:
     return list(dict.fromkeys(items))
 
 
+def parse_seeds(text: str) -> list:
+    """``--seeds``: comma-separated distinct integers (raises UsageError)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must list distinct integers, got {text!r}")
+    return seeds
+
+
 def parse_plan(args, quick: bool) -> dict:
     """Validate the train arguments; return the plan (raises UsageError)."""
-    tasks = _split(args.task, TASKS, "task(s)")
-    methods = _split(args.method, METHODS, "method(s)")
+    tasks = split_choices(args.task, TASKS, "task(s)")
+    methods = split_choices(args.method, METHODS, "method(s)")
     if args.seeds is None:
         args.seeds = "0" if quick else "0,1,2"
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
+    seeds = parse_seeds(args.seeds)
     fractions = None
     if args.active_fraction:
         fractions = {}
