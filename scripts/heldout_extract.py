@@ -8,10 +8,12 @@ the best-valid checkpoint, the stop reason and the mean active fraction after wa
 
 Usage:
     python scripts/heldout_extract.py MERGED_RESULTS.json docs/results/heldout-DATE.json
-    python scripts/heldout_extract.py --plot docs/results/heldout-DATE.json [MORE.json ...] docs/heldout_savings.png
+    python scripts/heldout_extract.py --plot RECORD.json[:TASK,...] [MORE.json[:TASK,...] ...] docs/heldout_savings.png
 
 With several records the plot has one panel per task of all of them (records of different
-tasks, e.g. runs made in different sessions).
+tasks, e.g. runs made in different sessions). ``:TASK,...`` after a record keeps only those
+tasks of it (e.g. ``heldout-2026-12-01.json:cnn`` when a later record holds that session's
+other task); a task given by two records is refused, since their seeds would be mixed.
 """
 import json
 import statistics
@@ -73,10 +75,18 @@ def plot(record: dict, out: str) -> None:
 
 def main(argv) -> int:
     if len(argv) >= 3 and argv[0] == "--plot":
-        runs = []
-        for path in argv[1:-1]:
+        runs, source = [], {}
+        for spec in argv[1:-1]:
+            path, _, wanted = spec.partition(":")
             with open(path) as f:
-                runs += json.load(f)["runs"]
+                kept = [r for r in json.load(f)["runs"]
+                        if not wanted or r["task"] in wanted.split(",")]
+            for task in {r["task"] for r in kept}:
+                if source.setdefault(task, path) != path:
+                    print(f"task {task!r} is in {source[task]} and in {path}: keep it from one "
+                          "(RECORD.json:TASK,...)", file=sys.stderr)
+                    return 2
+            runs += kept
         plot({"runs": runs}, argv[-1])
         return 0
     if len(argv) != 2:

@@ -158,4 +158,12 @@ def test_extract_keeps_what_the_tables_are_computed_from(tmp_path):
     assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "x.json"),
                              str(tmp_path / "p2.png")]) == 0
     assert os.path.getsize(tmp_path / "p2.png") > 0
+    # two records holding the same task would mix their seeds: refused unless one is filtered
+    (tmp_path / "y.json").write_text((tmp_path / "x.json").read_text())
+    assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "y.json"),
+                             str(tmp_path / "p3.png")]) == 2
+    assert not (tmp_path / "p3.png").exists()
+    assert extract_mod.main(["--plot", str(tmp_path / "x.json") + ":mlm",
+                             str(tmp_path / "y.json") + ":cnn", str(tmp_path / "p3.png")]) == 0
+    assert (tmp_path / "p3.png").stat().st_size > 1000
     assert (tmp_path / "p.png").stat().st_size > 1000
