@@ -291,6 +291,15 @@ class ModularPolicy(Policy):
     No-op when no name carries a layer index (the default names "kind[index]"), and for kinds
     with one module per layer.
 
+    Staleness bound (``max_frozen_probes`` = F, default 0: off). A module that is not excluded
+    and has been frozen for F probe intervals is activated at the next decision, overriding the
+    rule above and ``min_dwell`` (it may be frozen again one probe later). So no module stays
+    frozen for more than F consecutive intervals unless it is excluded (retired) or held. Why:
+    with the ratio rule λ's ranking can settle, and then the same modules stay frozen for the
+    rest of the run; at convergence that is a smaller model (docs/heldout.md, converged mlm).
+    It only adds modules (like the per-layer minimum), so in budget mode a kind may then have
+    more than K active.
+
     A frozen module that becomes active again is a re-entry; ``reentries`` counts them per module.
 
     Args:
@@ -311,6 +320,8 @@ class ModularPolicy(Policy):
         relative_to_layer: None (default), "all_kinds" or "same_kind" (see Score).
         min_active_per_layer: L, integer ≥ 0, the fewest active modules per (kind, layer) group
             of ≥ 2 modules (default 0: off; see "Minimum per layer").
+        max_frozen_probes: F, integer ≥ 0, the most consecutive probe intervals a module that
+            is not excluded stays frozen (default 0: off; see "Staleness bound").
         names: module names for error messages and, with ``relative_to_layer``, the layer of
             each module (default "kind[index]": no layer).
     """
@@ -330,6 +341,7 @@ class ModularPolicy(Policy):
         min_active_fraction: float = DEFAULT_MIN_ACTIVE_FRACTION,
         relative_to_layer: Optional[str] = None,
         min_active_per_layer: int = 0,
+        max_frozen_probes: int = 0,
         names: Optional[Sequence[str]] = None,
     ):
         super().__init__(kinds, names)
@@ -355,6 +367,7 @@ class ModularPolicy(Policy):
             raise ValueError(f"relative_to_layer must be None, 'all_kinds' or 'same_kind', got "
                              f"{relative_to_layer!r}")
         min_active_per_layer = _check_int("min_active_per_layer", min_active_per_layer, 0)
+        self.max_frozen_probes = _check_int("max_frozen_probes", max_frozen_probes, 0)
         self.min_active, self.min_active_fraction = int(min_active), float(min_active_fraction)
         self.min_active_per_layer = int(min_active_per_layer)
         self.relative_to_layer = relative_to_layer
@@ -542,6 +555,8 @@ class ModularPolicy(Policy):
         dwell = torch.where(held, self.dwell, self.dwell + 1)
         locked = (dwell < self.min_dwell) | held
         new = self._propose(s, eligible, locked)
+        if self.max_frozen_probes > 0:
+            new = new | (~self.active & eligible & ~held & (dwell >= self.max_frozen_probes))
         switched = new != self.active
         self.reentries += (switched & new).to(torch.int64)
         self.dwell = torch.where(switched, torch.zeros_like(dwell), dwell)

@@ -106,7 +106,8 @@ def policy_strategy(draw, kinds):
         relative_to_history=draw(st.sampled_from([None, "warmup", "ema"])),
         ema_decay=draw(st.floats(0.0, 0.95)), min_active=draw(st.integers(1, 3)),
         min_active_fraction=draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
-        min_active_per_layer=draw(st.sampled_from([0, 0, 1, 2])))
+        min_active_per_layer=draw(st.sampled_from([0, 0, 1, 2])),
+        max_frozen_probes=draw(st.sampled_from([0, 0, 1, 3])))
     temporal = TemporalPolicy(kinds, eps=draw(st.floats(0.01, 2.0)), patience=draw(st.integers(1, 3)),
                               scale_probes=draw(st.integers(1, 6)))
     return modular, temporal
@@ -173,6 +174,7 @@ def test_retired_modules_leave_the_statistics(data):
                                 min_active_fraction=modular.min_active_fraction,
                                 relative_to_layer=modular.relative_to_layer,
                                 min_active_per_layer=modular.min_active_per_layer,
+                                max_frozen_probes=modular.max_frozen_probes,
                                 names=modular.names)
         clone_t = TemporalPolicy(kinds, eps=temporal.eps, patience=temporal.patience,
                                  scale_probes=temporal.scale_probes)
@@ -190,6 +192,51 @@ def test_retired_modules_leave_the_statistics(data):
         lam_b = torch.where(retired, replacement, lam)
         assert torch.equal(a.step(step, lam), b.step(step, lam_b)), f"probe {step}"
         assert torch.equal(a.temporal.retired, b.temporal.retired)
+
+
+@SETTINGS
+@given(data=st.data(), bound=st.integers(1, 4))
+def test_no_module_stays_frozen_past_the_staleness_bound(data, bound):
+    """max_frozen_probes = F: a module that is not excluded is never frozen for more than F
+    consecutive decisions, whatever λ and the other constants; with F = 0 the masks are the
+    unbounded policy's."""
+    kinds = data.draw(kinds_strategy())
+    modular, _ = data.draw(policy_strategy(kinds))
+    options = dict(mode=modular.mode, alpha=modular.alpha, centre=modular.centre,
+                   budget=modular.budget, hysteresis=modular.hysteresis,
+                   min_dwell=modular.min_dwell, relative_to_history=modular.relative_to_history,
+                   ema_decay=modular.ema_decay, min_active=modular.min_active,
+                   min_active_fraction=modular.min_active_fraction,
+                   relative_to_layer=modular.relative_to_layer,
+                   min_active_per_layer=modular.min_active_per_layer, names=modular.names)
+    bounded = ModularPolicy(kinds, max_frozen_probes=bound, **options)
+    plain, off = ModularPolicy(kinds, **options), ModularPolicy(kinds, max_frozen_probes=0, **options)
+    seq = data.draw(lambda_sequence(len(kinds), max_probes=30))
+    exclude = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(kinds),
+                                              max_size=len(kinds))))
+    frozen_for = torch.zeros(len(kinds), dtype=torch.int64)
+    for t, lam in enumerate(seq):
+        mask = bounded.update(lam, exclude=exclude).cpu()
+        frozen_for = torch.where(mask, torch.zeros_like(frozen_for), frozen_for + 1)
+        stale = (frozen_for > bound) & ~exclude
+        assert not stale.any(), f"probe {t}: modules {stale.nonzero().flatten().tolist()} frozen " \
+                                f"for more than {bound} probes"
+        assert torch.equal(plain.update(lam, exclude=exclude), off.update(lam, exclude=exclude))
+
+
+def test_staleness_bound_reactivates_a_settled_ranking():
+    # Two heads whose λ ranking never changes: the ratio rule freezes head 1 for good; with
+    # max_frozen_probes=2 it trains one interval in every three.
+    lam = torch.tensor([10.0, 1.0], dtype=torch.float64)
+    plain = ModularPolicy(["head", "head"], hysteresis=0.0, min_active_fraction=0.0)
+    bounded = ModularPolicy(["head", "head"], hysteresis=0.0, min_active_fraction=0.0,
+                            max_frozen_probes=2)
+    assert [plain.update(lam).tolist() for _ in range(6)] == [[True, False]] * 6
+    got = [bounded.update(lam).tolist()[1] for _ in range(7)]
+    assert got == [False, False, True, False, False, True, False]
+    assert int(bounded.reentries[1]) == 2
+    with pytest.raises(ValueError, match="max_frozen_probes"):
+        ModularPolicy(["head"], max_frozen_probes=-1)
 
 
 def test_retired_modules_leave_the_centre():

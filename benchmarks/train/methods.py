@@ -228,7 +228,7 @@ class GradNorm(_AtFraction):
 # `--mat-policy key=value,...`: which policy class each key configures.
 MODULAR_OPTIONS = ("mode", "alpha", "centre", "budget", "hysteresis", "min_dwell",
                    "relative_to_history", "ema_decay", "min_active", "min_active_fraction",
-                   "relative_to_layer", "min_active_per_layer")
+                   "relative_to_layer", "min_active_per_layer", "max_frozen_probes")
 TEMPORAL_OPTIONS = ("eps", "patience", "scale_probes")
 POLICY_OPTIONS = MODULAR_OPTIONS + TEMPORAL_OPTIONS + ("temporal",)
 
