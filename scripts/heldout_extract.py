@@ -13,7 +13,8 @@ Usage:
 With several records the plot has one panel per task of all of them (records of different
 tasks, e.g. runs made in different sessions). ``:TASK,...`` after a record keeps only those
 tasks of it (e.g. ``heldout-2026-12-01.json:cnn`` when a later record holds that session's
-other task); a task given by two records is refused, since their seeds would be mixed.
+other task); a task given by two records (or one record given twice) is refused, since its
+seeds would be mixed or drawn twice.
 """
 import json
 import statistics
@@ -82,10 +83,12 @@ def main(argv) -> int:
                 kept = [r for r in json.load(f)["runs"]
                         if not wanted or r["task"] in wanted.split(",")]
             for task in {r["task"] for r in kept}:
-                if source.setdefault(task, path) != path:
+                # a task from two records (or one record given twice) would mix or repeat seeds
+                if task in source:
                     print(f"task {task!r} is in {source[task]} and in {path}: keep it from one "
                           "(RECORD.json:TASK,...)", file=sys.stderr)
                     return 2
+                source[task] = path
             runs += kept
         plot({"runs": runs}, argv[-1])
         return 0

@@ -154,10 +154,10 @@ def test_extract_keeps_what_the_tables_are_computed_from(tmp_path):
     assert summarize_heldout(small["runs"], "perplexity") == summarize_heldout(full["runs"], "perplexity")
     pytest.importorskip("matplotlib")
     assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "p.png")]) == 0
-    # several records: one figure of all their runs
+    # one record given twice would draw every seed twice: refused
     assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "x.json"),
-                             str(tmp_path / "p2.png")]) == 0
-    assert os.path.getsize(tmp_path / "p2.png") > 0
+                             str(tmp_path / "p2.png")]) == 2
+    assert not (tmp_path / "p2.png").exists()
     # two records holding the same task would mix their seeds: refused unless one is filtered
     (tmp_path / "y.json").write_text((tmp_path / "x.json").read_text())
     assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "y.json"),
