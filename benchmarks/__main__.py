@@ -164,7 +164,7 @@ def _run(args, parser) -> int:
 
 
 def _run_robust(args) -> int:
-    from .train.cli import UsageError, parse_seeds, split_choices
+    from .train.cli import UsageError, parse_policy_options, parse_seeds, split_choices
     from .train import robust
 
     if args.merge:
@@ -178,7 +178,6 @@ def _run_robust(args) -> int:
     lengths = split_choices(args.length, robust.LENGTHS, "--length")
     seeds = parse_seeds(args.seeds)
     from .timing import environment
-    from .train.cli import parse_policy_options
 
     policy = parse_policy_options(args.mat_policy)
     methods = split_choices(args.method, robust.METHODS, "--method")

@@ -154,6 +154,14 @@ def test_extract_keeps_what_the_tables_are_computed_from(tmp_path):
     assert summarize_heldout(small["runs"], "perplexity") == summarize_heldout(full["runs"], "perplexity")
     pytest.importorskip("matplotlib")
     assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "p.png")]) == 0
+    # several records of different tasks: one figure of all their runs
+    other = json.loads((tmp_path / "x.json").read_text())
+    for r in other["runs"]:
+        r["task"] = "moe"
+    (tmp_path / "z.json").write_text(json.dumps(other))
+    assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "z.json"),
+                             str(tmp_path / "p4.png")]) == 0
+    assert (tmp_path / "p4.png").stat().st_size > (tmp_path / "p.png").stat().st_size
     # one record given twice would draw every seed twice: refused
     assert extract_mod.main(["--plot", str(tmp_path / "x.json"), str(tmp_path / "x.json"),
                              str(tmp_path / "p2.png")]) == 2
